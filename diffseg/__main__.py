@@ -1,0 +1,3 @@
+from diffseg.runtime.cli import main
+
+raise SystemExit(main())

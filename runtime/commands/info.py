@@ -1,0 +1,35 @@
+"""``diffseg info``: what this installation really has."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+DESCRIPTION = "Print the package version, the compiled extension's build, and which backends import and see devices."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffseg.runtime.environment import collect_info
+
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"diffseg {info['version']}  (python {info['python']}, numpy {info['numpy']})")
+    ext = info["extension"]
+    if "error" in ext:
+        print(f"extension: NOT AVAILABLE ({ext['error']})")
+    else:
+        print(f"extension: {ext['compiler']}, flags '{ext['cxx_flags']}', SIMD {ext['simd']}, "
+              f"OpenMP {'yes' if ext['openmp'] else 'no'} ({ext['openmp_max_threads']} threads)")
+    print(f"cpu: {info['cpu']['model']} ({info['cpu']['logical_cores']} logical cores), "
+          f"flags: {', '.join(info['cpu']['isa']) or 'baseline'}")
+    print("backends:")
+    for name, b in info["backends"].items():
+        state = f"{b['version']}; devices: {', '.join(b['devices'])}" if b["available"] else f"missing ({b['reason']})"
+        print(f"  {name:12s} {state}")
+    return 0
