@@ -1,0 +1,59 @@
+"""DICOM in and out: find and load CT/PET series (PET in SUVbw), write and read DICOM SEG, lesion tables,
+and synthetic DICOM series of the phantoms.
+
+Stages, one module each: ``scan`` (files → series) → ``select`` (rules → one series) → ``series`` (series →
+``Volume``, with ``geometry`` and ``suv``) → ``study`` (a PET/CT study); ``seg`` and ``report`` write
+results; ``synthetic`` writes phantoms as DICOM. Errors on bad input are ``DicomInputError`` (a
+``ValueError``) naming the series or file and the problem.
+"""
+
+from __future__ import annotations
+
+from .errors import DicomInputError
+from .geometry import GeometryOptions, align_to_grid, sort_slices
+from .report import LESION_KEYS, lesion_table_header, write_lesion_table
+from .scan import ScanResult, SeriesInfo, SkippedFile, scan_dicom, scan_dicom_folder
+from .seg import SegOptions, read_seg, write_seg
+from .select import CT_RULES, PET_RULES, SeriesRules, select_series, series_mismatches
+from .series import LoadedSeries, LoadOptions, load_series, read_series
+from .study import PatientInfo, PetCtRules, PetCtStudy, read_pet_ct
+from .suv import SuvConversion, parse_dicom_datetime, suv_conversion
+from .synthetic import UID_ROOT, SyntheticDicomOptions, phantom_uid, write_phantom_dicom
+
+__all__ = [
+    "CT_RULES",
+    "LESION_KEYS",
+    "PET_RULES",
+    "UID_ROOT",
+    "DicomInputError",
+    "GeometryOptions",
+    "LoadOptions",
+    "LoadedSeries",
+    "PatientInfo",
+    "PetCtRules",
+    "PetCtStudy",
+    "ScanResult",
+    "SegOptions",
+    "SeriesInfo",
+    "SeriesRules",
+    "SkippedFile",
+    "SuvConversion",
+    "SyntheticDicomOptions",
+    "align_to_grid",
+    "lesion_table_header",
+    "load_series",
+    "parse_dicom_datetime",
+    "phantom_uid",
+    "read_pet_ct",
+    "read_seg",
+    "read_series",
+    "scan_dicom",
+    "scan_dicom_folder",
+    "select_series",
+    "series_mismatches",
+    "sort_slices",
+    "suv_conversion",
+    "write_lesion_table",
+    "write_phantom_dicom",
+    "write_seg",
+]

@@ -1,0 +1,305 @@
+"""Find the image series in a folder of DICOM files.
+
+Every file under the folder is opened once with pydicom (pixel data included, so that a truncated file is
+found here and not half-way through a volume); what is kept is the header without its pixel data. Files that
+are not DICOM, DICOM objects that are not single-frame images (SEG, SR, RTSTRUCT, presentation states,
+DICOMDIR, multi-frame enhanced images) and files that cannot be read are skipped, each with a logged reason
+and an entry in ``ScanResult.skipped``. A file whose header names its series but whose pixel data is cut
+short is recorded on its series (``SeriesInfo.broken_files``), so that loading that series fails with the
+file's name instead of giving a volume with a slice missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+__all__ = ["ScanResult", "SeriesInfo", "SkippedFile", "scan_dicom", "scan_dicom_folder"]
+
+logger = logging.getLogger("diffseg")
+
+# SOP classes that hold no image volume even though some carry pixel data (PS3.4 Annex B).
+_NON_VOLUME_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation",
+    "1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set",
+    "1.2.840.10008.5.1.4.1.1.481.2": "RT Dose",
+    "1.2.840.10008.5.1.4.1.1.481.5": "RT Plan",
+    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF",
+    "1.2.840.10008.5.1.4.1.1.11.1": "Grayscale Softcopy Presentation State",
+    "1.2.840.10008.5.1.4.1.1.88.59": "Key Object Selection",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",
+    "1.2.840.10008.1.3.10": "Media Storage Directory (DICOMDIR)",
+}
+_NON_IMAGE_MODALITIES = {"SEG", "SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "PR", "KO", "DOC", "REG", "RWV"}
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that ``scan_dicom`` did not use.
+
+    Attributes:
+        path: the file.
+        reason: why, in words (``not DICOM``, ``not an image: Segmentation``, ``truncated: ...``).
+        broken: True for a file that looks like an image but cannot be read (truncated, corrupt); False for a
+            file that is simply not an image.
+    """
+
+    path: Path
+    reason: str
+    broken: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class SeriesInfo:
+    """One image series found by ``scan_dicom``: its identity and the headers of its files.
+
+    Attributes:
+        series_instance_uid: SeriesInstanceUID.
+        study_instance_uid: StudyInstanceUID.
+        modality: Modality (``CT``, ``PT``, ``MR`` ...).
+        series_number: SeriesNumber, or None.
+        series_description: SeriesDescription ('' if absent).
+        frame_of_reference_uid: FrameOfReferenceUID ('' if absent).
+        sop_class_uid: SOPClassUID of the first file.
+        files: the image files in the order found (sorted path order, not slice order).
+        headers: the datasets of ``files`` without pixel data, in the same order.
+        broken_files: files of this series that cannot be read (truncated), with the reason.
+    """
+
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    frame_of_reference_uid: str
+    sop_class_uid: str
+    files: tuple[Path, ...] = field(repr=False)
+    headers: tuple[Dataset, ...] = field(repr=False)
+    broken_files: tuple[SkippedFile, ...] = ()
+
+    @property
+    def num_instances(self) -> int:
+        """Number of readable image files in the series."""
+        return len(self.files)
+
+    @property
+    def slice_thickness(self) -> float | None:
+        """SliceThickness of the first file in mm, or None when absent."""
+        value = self.headers[0].get("SliceThickness")
+        return float(value) if value not in (None, "") else None
+
+    @property
+    def slice_normal(self) -> np.ndarray:
+        """Unit normal of the first file's plane: cross product of the row and column directions."""
+        iop = np.asarray([float(v) for v in self.headers[0].ImageOrientationPatient], dtype=np.float64)
+        n = np.cross(iop[:3], iop[3:])
+        return n / max(float(np.linalg.norm(n)), 1e-12)
+
+    @property
+    def corrected_image(self) -> tuple[str, ...]:
+        """CorrectedImage values of the first file (PET), upper case."""
+        return _multi(self.headers[0].get("CorrectedImage"))
+
+    @property
+    def image_type(self) -> tuple[str, ...]:
+        """ImageType values of the first file, upper case."""
+        return _multi(self.headers[0].get("ImageType"))
+
+    def describe(self) -> str:
+        """A short name for messages: modality, number, description, instance count and UID."""
+        number = f"#{self.series_number} " if self.series_number is not None else ""
+        return (
+            f"{self.modality} series {number}'{self.series_description}' ({self.num_instances} images, "
+            f"{self.series_instance_uid})"
+        )
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What ``scan_dicom`` found.
+
+    Attributes:
+        series: image series, ordered by study UID, then series number, then series UID.
+        skipped: files that were not used, each with its reason.
+    """
+
+    series: list[SeriesInfo]
+    skipped: list[SkippedFile]
+
+
+def _multi(value: object) -> tuple[str, ...]:
+    if value in (None, ""):
+        return ()
+    if isinstance(value, str):
+        return (value.strip().upper(),)
+    return tuple(str(v).strip().upper() for v in value)  # type: ignore[union-attr]
+
+
+def _expected_pixel_bytes(ds: Dataset) -> int:
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    bits = int(ds.BitsAllocated)
+    n = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * frames
+    return (n * bits + 7) // 8
+
+
+def _classify(path: Path) -> tuple[Dataset | None, SkippedFile | None]:
+    """Read one file.
+
+    Returns ``(header, None)`` for a usable image slice (pixel data dropped), ``(None, skip)`` for a file
+    that is not used, and ``(header, skip)`` for an image slice of a known series that cannot be read
+    (truncated).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        return None, SkippedFile(path, "not DICOM (no DICM preamble)")
+    except Exception as exc:  # pydicom raises struct.error, EOFError, ... on cut or corrupt headers
+        return None, SkippedFile(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})", broken=True)
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
+    if sop_class in _NON_VOLUME_SOP_CLASSES:
+        return None, SkippedFile(path, f"not an image volume slice: {_NON_VOLUME_SOP_CLASSES[sop_class]}")
+    modality = str(ds.get("Modality", "")).upper()
+    if modality in _NON_IMAGE_MODALITIES:
+        return None, SkippedFile(path, f"not an image: Modality {modality}")
+    if "PixelData" not in ds:
+        if "Rows" in ds and "SeriesInstanceUID" in ds:
+            # Image attributes but no pixels: the file was cut before its pixel data.
+            return _drop_pixels(ds), SkippedFile(path, "truncated: no pixel data", broken=True)
+        if "SeriesInstanceUID" not in ds:
+            return None, SkippedFile(
+                path, "truncated or corrupt: header ends before SeriesInstanceUID", broken=True
+            )
+        return None, SkippedFile(path, "no pixel data (not an image)")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        return None, SkippedFile(
+            path, "multi-frame image (enhanced or cine): only single-frame slices are read"
+        )
+    missing = [
+        k
+        for k in (
+            "ImagePositionPatient",
+            "ImageOrientationPatient",
+            "PixelSpacing",
+            "Rows",
+            "Columns",
+            "BitsAllocated",
+            "SeriesInstanceUID",
+        )
+        if k not in ds
+    ]
+    if missing:
+        return None, SkippedFile(path, f"image without {', '.join(missing)}: not part of a 3D volume")
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta else ""
+    if syntax in _NATIVE_SYNTAXES or not syntax:
+        expected, got = _expected_pixel_bytes(ds), len(ds.PixelData)
+        if got < expected:
+            reason = f"truncated: pixel data holds {got} of {expected} bytes"
+            return _drop_pixels(ds), SkippedFile(path, reason, broken=True)
+    return _drop_pixels(ds), None
+
+
+def _drop_pixels(ds: Dataset) -> Dataset:
+    if "PixelData" in ds:
+        del ds.PixelData
+    return ds
+
+
+def _group(found: list[tuple[Path, Dataset, SkippedFile | None]]) -> list[SeriesInfo]:
+    groups: dict[str, list[tuple[Path, Dataset, SkippedFile | None]]] = {}
+    for item in found:
+        groups.setdefault(str(item[1].SeriesInstanceUID), []).append(item)
+    series = []
+    for uid, members in groups.items():
+        good = [(p, d) for p, d, skip in members if skip is None]
+        broken = tuple(skip for _, _, skip in members if skip is not None)
+        if not good:
+            continue  # nothing readable: its files are listed in ScanResult.skipped
+        first = good[0][1]
+        number = first.get("SeriesNumber")
+        series.append(
+            SeriesInfo(
+                series_instance_uid=uid,
+                study_instance_uid=str(first.get("StudyInstanceUID", "")),
+                modality=str(first.get("Modality", "")).upper(),
+                series_number=int(number) if number not in (None, "") else None,
+                series_description=str(first.get("SeriesDescription", "")),
+                frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
+                sop_class_uid=str(first.get("SOPClassUID", "")),
+                files=tuple(p for p, _ in good),
+                headers=tuple(d for _, d in good),
+                broken_files=broken,
+            )
+        )
+    series.sort(
+        key=lambda s: (
+            s.study_instance_uid,
+            s.series_number if s.series_number is not None else -1,
+            s.series_instance_uid,
+        )
+    )
+    return series
+
+
+def scan_dicom(paths: str | Path | Iterable[str | Path]) -> ScanResult:
+    """Find the image series in a folder (searched recursively) or in a list of files.
+
+    Args:
+        paths: a folder, one file, or several files and folders.
+
+    Returns:
+        A ``ScanResult``: the series found and the files skipped, each with its reason (also logged: INFO for
+        files that are not images, WARNING for broken files).
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+    """
+    roots = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+    files: list[Path] = []
+    for root in roots:
+        if root.is_dir():
+            files.extend(sorted(p for p in root.rglob("*") if p.is_file()))
+        elif root.is_file():
+            files.append(root)
+        else:
+            raise FileNotFoundError(f"{root}: no such file or folder")
+    found: list[tuple[Path, Dataset, SkippedFile | None]] = []
+    skipped: list[SkippedFile] = []
+    for path in files:
+        ds, skip = _classify(path)
+        if skip is not None:
+            skipped.append(skip)
+            (logger.warning if skip.broken else logger.info)("skipping %s: %s", path, skip.reason)
+        if ds is not None:
+            found.append((path, ds, skip))
+    series = _group(found)
+    logger.info("found %d image series in %d files (%d skipped)", len(series), len(files), len(skipped))
+    return ScanResult(series=series, skipped=skipped)
+
+
+def scan_dicom_folder(path: str | Path) -> list[SeriesInfo]:
+    """The image series under a folder (recursive); see ``scan_dicom`` for the skipped files.
+
+    Args:
+        path: the folder.
+
+    Returns:
+        The series found, ordered by study UID, series number and series UID.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    return scan_dicom(path).series

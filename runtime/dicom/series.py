@@ -1,0 +1,171 @@
+"""Load one DICOM image series as a ``Volume``: slices sorted along the normal, rescaled, PET in SUVbw.
+
+The ``Volume`` has index axes x = columns (along the row direction of ImageOrientationPatient), y = rows
+(along the column direction) and z = slices sorted by ascending position along the normal n = row × column;
+its direction is therefore always right-handed, whatever the file order or the InstanceNumbers.
+``LoadedSeries.headers`` lists the slice datasets in the same z order, for writing derived objects (SEG)
+that reference them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..volume import Volume
+from .errors import DicomInputError
+from .geometry import GeometryOptions, sort_slices
+from .suv import SuvConversion, suv_conversion
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from .scan import SeriesInfo
+
+__all__ = ["LoadOptions", "LoadedSeries", "load_series", "read_series"]
+
+logger = logging.getLogger("diffseg")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How ``load_series`` reads a series.
+
+    Attributes:
+        geometry: tolerances of the slice-geometry checks.
+        pet_suv: convert PET (Modality PT) to SUVbw; False keeps the rescaled values (Bq/ml).
+    """
+
+    geometry: GeometryOptions = field(default_factory=GeometryOptions)
+    pet_suv: bool = True
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedSeries:
+    """A loaded series.
+
+    Attributes:
+        volume: the image (CT: HU, int16 when exact else float32; PET: SUVbw float32; others: float32 or
+            int16).
+        headers: the slice datasets without pixel data, ``headers[k]`` is ``volume.array[k]``.
+        series: the ``SeriesInfo`` it came from.
+        suv: the SUV conversion applied (PET with ``pet_suv``), else None.
+    """
+
+    volume: Volume
+    headers: tuple[Dataset, ...] = field(repr=False)
+    series: SeriesInfo = field(repr=False)
+    suv: SuvConversion | None = None
+
+
+def _read_pixels(path, name: str) -> tuple[Dataset, np.ndarray]:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+        return ds, ds.pixel_array
+    except Exception as exc:  # pydicom and its decoders raise many types on damaged or unsupported data
+        raise DicomInputError(
+            f"{name}: cannot decode the pixels of {path} ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _rescale(ds: Dataset, name: str, path) -> tuple[float, float]:
+    try:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError):
+        raise DicomInputError(f"{name}: {path} has a non-numeric RescaleSlope/RescaleIntercept") from None
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
+        raise DicomInputError(f"{name}: {path} has RescaleSlope {slope}, RescaleIntercept {intercept}")
+    return slope, intercept
+
+
+def read_series(series: SeriesInfo, options: LoadOptions | None = None) -> LoadedSeries:
+    """Load a series with its sorted headers (see ``load_series``).
+
+    Args:
+        series: from ``scan_dicom_folder``.
+        options: tolerances and PET handling; ``None`` uses the defaults.
+
+    Returns:
+        A ``LoadedSeries``.
+
+    Raises:
+        DicomInputError: broken files in the series, slice geometry problems (see ``sort_slices``), slices of
+            different size, photometric interpretation other than MONOCHROME2, pixels that cannot be decoded,
+            or (PET) an attribute needed for SUVbw missing. Messages name the series.
+    """
+    opt = options or LoadOptions()
+    name = series.describe()
+    if series.broken_files:
+        first = series.broken_files[0]
+        raise DicomInputError(
+            f"{name}: {len(series.broken_files)} file(s) cannot be read, e.g. {first.path}: {first.reason}"
+        )
+    headers = series.headers
+    sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
+    if len(sizes) != 1:
+        raise DicomInputError(f"{name}: slices of different sizes (rows, columns): {sorted(sizes)}")
+    stack = sort_slices(
+        [h.ImagePositionPatient for h in headers],
+        [h.ImageOrientationPatient for h in headers],
+        [h.PixelSpacing for h in headers],
+        name,
+        opt.geometry,
+    )
+    order = [int(i) for i in stack.order]
+    ordered = tuple(headers[i] for i in order)
+    suv = suv_conversion(ordered, name) if series.modality == "PT" and opt.pet_suv else None
+    rows, cols = sizes.pop()
+    shape = (len(order), rows, cols)
+    # int16 while every slice is exact (integer stored values, slope and intercept, in range), else float32.
+    array: np.ndarray | None = None
+    exact = suv is None
+    for k, i in enumerate(order):
+        path = series.files[i]
+        ds, pixels = _read_pixels(path, name)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+        if photometric != "MONOCHROME2" or pixels.shape != (rows, cols):
+            raise DicomInputError(
+                f"{name}: {path} has {photometric} pixels of shape {pixels.shape}; expected "
+                f"MONOCHROME2 of shape {(rows, cols)}"
+            )
+        slope, intercept = _rescale(ds, name, path)
+        if exact and slope.is_integer() and intercept.is_integer():
+            ints = pixels.astype(np.int64) * int(slope) + int(intercept)
+            if ints.min() >= -32768 and ints.max() <= 32767:
+                if array is None:
+                    array = np.empty(shape, dtype=np.int16)
+                array[k] = ints
+                continue
+        if exact or array is None:
+            exact = False
+            array = np.empty(shape, dtype=np.float32) if array is None else array.astype(np.float32)
+        values = pixels.astype(np.float64) * slope + intercept
+        array[k] = values * suv.factors[k] if suv is not None else values
+    if array is None:  # unreachable: a stack has >= 2 slices
+        raise DicomInputError(f"{name}: no slices")
+    volume = Volume(array, stack.spacing, stack.origin, stack.direction)
+    logger.info("loaded %s: %r", name, volume)
+    return LoadedSeries(volume=volume, headers=ordered, series=series, suv=suv)
+
+
+def load_series(series: SeriesInfo, options: LoadOptions | None = None) -> Volume:
+    """Load a series as a ``Volume``: sorted along the slice normal, rescaled per slice, PET in SUVbw.
+
+    Args:
+        series: from ``scan_dicom_folder``.
+        options: tolerances and PET handling; ``None`` uses the defaults.
+
+    Returns:
+        The volume; CT in HU (int16 when every slice's values are exact integers in range, else float32),
+        PET in SUVbw (float32).
+
+    Raises:
+        DicomInputError: see ``read_series``.
+    """
+    return read_series(series, options).volume
