@@ -1,0 +1,77 @@
+"""Structured logs of the node: one JSON object per line, to a file in the spool and to stderr.
+
+Every record carries ``time`` (UTC, ISO 8601), ``level``, ``message`` and ``module``; the fields passed in
+``extra=`` (``event``, ``job``, ``study_uid``, ``status``...) become keys of the same object.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["JsonFormatter", "configure_logging", "remove_handlers"]
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """Format a record as one line of JSON (non-JSON values are written with ``str``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": _dt.datetime.fromtimestamp(record.created, _dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "message": record.getMessage(),
+            "module": record.module,
+            "thread": record.threadName,
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def configure_logging(
+    log_file: str | Path, level: int = logging.INFO, stream: IO[str] | None = None
+) -> list[logging.Handler]:
+    """Send the ``diffseg`` logger's records, as JSON lines, to ``log_file`` (appended) and ``stream``.
+
+    The logger stops propagating to the root logger so that each record is written once.
+
+    Args:
+        log_file: the log file (its folder must exist).
+        level: the lowest level written.
+        stream: second destination (default ``sys.stderr``).
+
+    Returns:
+        The handlers added (pass them to :func:`remove_handlers`).
+    """
+    logger = logging.getLogger("diffseg")
+    formatter = JsonFormatter()
+    handlers: list[logging.Handler] = [
+        logging.FileHandler(log_file, encoding="utf-8"),
+        logging.StreamHandler(stream if stream is not None else sys.stderr),
+    ]
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.setLevel(level)
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    return handlers
+
+
+def remove_handlers(handlers: list[logging.Handler]) -> None:
+    """Detach and close handlers added by :func:`configure_logging`; the logger propagates again."""
+    logger = logging.getLogger("diffseg")
+    for handler in handlers:
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = True

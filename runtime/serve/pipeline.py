@@ -1,0 +1,156 @@
+"""What the worker does with a complete study: read it, segment it, write the SEG with deterministic UIDs.
+
+The SEG's SeriesInstanceUID and SOPInstanceUID are name-based UUIDs (``2.25.<uuid5>``, PS3.5 B.2) of the
+study's UID and the model version, so a SEG sent again after a crash carries the same UIDs and overwrites (or
+is ignored as already stored by) the PACS instead of appearing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pydicom
+
+from .spool import check_uid, write_durable
+
+__all__ = ["SegPipeline", "SegUids", "SegmenterPipeline", "model_version_of", "seg_uids", "stamp_uids"]
+
+logger = logging.getLogger("diffseg")
+
+# Fixed namespace of the name-based UUIDs; changing it would change every SEG UID ever derived.
+_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/diffseg/diffseg/serve/seg")
+
+
+@dataclass(frozen=True)
+class SegUids:
+    """The UIDs of one study's SEG.
+
+    Attributes:
+        series_instance_uid: SeriesInstanceUID of the SEG series.
+        sop_instance_uid: SOPInstanceUID of the SEG instance.
+    """
+
+    series_instance_uid: str
+    sop_instance_uid: str
+
+
+def seg_uids(study_uid: str, model_version: str) -> SegUids:
+    """Derive the SEG's UIDs from the study and the model version (same inputs, same UIDs).
+
+    Args:
+        study_uid: StudyInstanceUID of the segmented study.
+        model_version: identity of the model (name and version) that made the SEG.
+
+    Returns:
+        Two ``2.25.`` UIDs (at most 44 characters).
+
+    Raises:
+        ValueError: ``study_uid`` is not a UID, or ``model_version`` is empty.
+    """
+    check_uid("study_uid", study_uid)
+    if not isinstance(model_version, str) or not model_version:
+        raise ValueError(f"model_version must be a non-empty string, got {model_version!r}")
+    series = uuid.uuid5(_NAMESPACE, "\n".join(("series", study_uid, model_version)))
+    instance = uuid.uuid5(_NAMESPACE, "\n".join(("instance", study_uid, model_version)))
+    return SegUids(series_instance_uid=f"2.25.{series.int}", sop_instance_uid=f"2.25.{instance.int}")
+
+
+def stamp_uids(src: Path, dst: Path, uids: SegUids) -> Path:
+    """Copy the SEG at ``src`` to ``dst`` (durably) with the given Series and SOP Instance UIDs.
+
+    Returns:
+        ``dst``.
+    """
+    ds = pydicom.dcmread(src)
+    ds.SeriesInstanceUID = uids.series_instance_uid
+    ds.SOPInstanceUID = uids.sop_instance_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uids.sop_instance_uid
+    buf = pydicom.filebase.DicomBytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return write_durable(dst, buf.getvalue())
+
+
+class SegPipeline(Protocol):
+    """Turns a folder of received instances into a SEG file.
+
+    Attributes:
+        model_version: identity of the model; the SEG UIDs derive from it.
+    """
+
+    model_version: str
+
+    def run(self, study_dir: Path, out_path: Path, uids: SegUids) -> dict[str, Any]:
+        """Segment the study in ``study_dir``, write its SEG to ``out_path``, return figures for the log."""
+        ...
+
+
+def model_version_of(segmenter: Any, model: str) -> str:
+    """A stable identity of a loaded model: its ``model_version`` if set, else name + diffseg version."""
+    version = getattr(segmenter, "model_version", None)
+    if isinstance(version, str) and version:
+        return version
+    from diffseg import __version__
+
+    return f"{model}@diffseg-{__version__}"
+
+
+class SegmenterPipeline:
+    """The default pipeline: ``read_pet_ct`` → ``Segmenter.predict`` → ``write_seg`` (BINARY).
+
+    The model is loaded once, here, and reused for every study.
+
+    Args:
+        model: model package name or path (``Segmenter``'s ``model``).
+        backend: backend name (``Segmenter``'s ``backend``).
+
+    Raises:
+        RuntimeError: ``Segmenter`` or the DICOM reader/writer cannot be imported, or the model does not load.
+    """
+
+    def __init__(self, model: str, backend: str) -> None:
+        try:
+            from diffseg.runtime import Segmenter  # type: ignore[attr-defined]
+            from diffseg.runtime.dicom import read_pet_ct, write_seg
+        except ImportError as exc:
+            raise RuntimeError(f"the segmentation pipeline is not available in this build: {exc}") from exc
+        start = time.perf_counter()
+        self.segmenter = Segmenter(model=model, backend=backend)
+        self.model_version = model_version_of(self.segmenter, model)
+        self._read = read_pet_ct
+        self._write = write_seg
+        logger.info(
+            "model loaded",
+            extra={
+                "event": "model_loaded",
+                "model": model,
+                "backend": backend,
+                "model_version": self.model_version,
+                "seconds": round(time.perf_counter() - start, 3),
+            },
+        )
+
+    def run(self, study_dir: Path, out_path: Path, uids: SegUids) -> dict[str, Any]:
+        """Segment one study; see :class:`SegPipeline`."""
+        t0 = time.perf_counter()
+        study = self._read(study_dir)
+        t1 = time.perf_counter()
+        result = self.segmenter.predict(study.ct, study.pet)
+        t2 = time.perf_counter()
+        draft = out_path.with_name(f".{out_path.name}.draft.dcm")
+        try:
+            self._write(result.mask, study, draft)
+            stamp_uids(draft, out_path, uids)
+        finally:
+            draft.unlink(missing_ok=True)
+        t3 = time.perf_counter()
+        return {
+            "read_s": round(t1 - t0, 3),
+            "predict_s": round(t2 - t1, 3),
+            "write_s": round(t3 - t2, 3),
+            "mask_voxels": int(result.mask.array.astype(bool).sum()),
+        }

@@ -1,0 +1,115 @@
+"""The node's C-STORE SCU: sends one file to the destination and says whether the destination confirmed it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from .options import Destination
+from .scp import set_tcp_nodelay
+
+__all__ = ["SUCCESS_STATUSES", "SendError", "SendResult", "echo", "send_file"]
+
+logger = logging.getLogger("diffseg")
+
+#: Storage statuses that mean "stored": success, and the three warnings of PS3.4 Table B.2-1 (coercion,
+#: elements discarded, data set does not match SOP class), which still leave the instance in the PACS.
+SUCCESS_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+
+class SendError(RuntimeError):
+    """The destination was not reached, refused the association, or answered a failure status."""
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """A confirmed C-STORE.
+
+    Attributes:
+        status: the DIMSE status the destination answered (one of ``SUCCESS_STATUSES``).
+        seconds: association + transfer time.
+    """
+
+    status: int
+    seconds: float
+
+
+def _associate(ae: AE, destination: Destination):
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not reachable"
+        raise SendError(f"association with {destination} {why}")
+    set_tcp_nodelay(assoc)
+    return assoc
+
+
+def _make_ae(calling_aet: str, timeout: float) -> AE:
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.maximum_pdu_size = 0
+    return ae
+
+
+def send_file(
+    path: str | Path, destination: Destination, calling_aet: str, timeout: float = 30.0
+) -> SendResult:
+    """C-STORE one DICOM file to ``destination`` in one association.
+
+    Args:
+        path: the file (DICOM file format, with file meta).
+        destination: the Storage SCP.
+        calling_aet: our AE title.
+        timeout: ACSE, DIMSE and network timeout in seconds.
+
+    Returns:
+        The confirmed status and the time taken.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        SendError: not reached, association refused, no answer, or a failure status (named in the message).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file to send {path} does not exist")
+    ds = pydicom.dcmread(path)
+    start = time.perf_counter()
+    ae = _make_ae(calling_aet, timeout)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = _associate(ae, destination)
+    try:
+        rsp = assoc.send_c_store(ds)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    status = getattr(rsp, "Status", None)
+    if status is None:
+        raise SendError(f"no C-STORE response from {destination} (timeout or abort)")
+    if int(status) not in SUCCESS_STATUSES:
+        raise SendError(f"{destination} answered C-STORE status 0x{int(status):04X}")
+    return SendResult(status=int(status), seconds=time.perf_counter() - start)
+
+
+def echo(destination: Destination, calling_aet: str, timeout: float = 10.0) -> int:
+    """C-ECHO ``destination``; return its status (0 on success).
+
+    Raises:
+        SendError: not reached, association refused, or no answer.
+    """
+    ae = _make_ae(calling_aet, timeout)
+    ae.add_requested_context(Verification)
+    assoc = _associate(ae, destination)
+    try:
+        rsp = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    status = getattr(rsp, "Status", None)
+    if status is None:
+        raise SendError(f"no C-ECHO response from {destination}")
+    return int(status)

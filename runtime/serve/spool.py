@@ -1,0 +1,206 @@
+"""The spool directory: where every received instance lands, durably, before the sender hears "success".
+
+Layout (no path is built from a DICOM value; every name is a hash of a UID checked against the grammar)::
+
+    SPOOL/incoming/<study key>/<instance key>.dcm   received instances, as sent (DICOM file format)
+    SPOOL/results/<study key>.seg.dcm               the SEG of a study, written before it is sent
+    SPOOL/queue.sqlite                              the job queue (see jobqueue.py)
+    SPOOL/serve.log                                 structured log, one JSON object per line
+    SPOOL/serve.lock                                held (flock) by the running node
+
+A write is a temporary file in the target folder, ``fsync``, ``rename`` over the target, then ``fsync`` of the
+folder, so that after a power cut the instance is either wholly there or not there at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import IO
+
+__all__ = [
+    "Spool",
+    "SpoolLockedError",
+    "check_uid",
+    "fsync_dir",
+    "is_valid_uid",
+    "uid_key",
+    "write_durable",
+]
+
+# PS3.5 9.1: components of digits separated by '.', no leading zero in a component of more than one digit,
+# at most 64 characters.
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def is_valid_uid(value: object) -> bool:
+    """Whether ``value`` is a string that follows the DICOM UID grammar (PS3.5 9.1)."""
+    return isinstance(value, str) and len(value) <= 64 and _UID.match(value) is not None
+
+
+def check_uid(name: str, value: object) -> str:
+    """Return ``value`` if it is a valid UID, else raise ``ValueError`` naming ``name`` and the value.
+
+    Args:
+        name: the attribute, e.g. ``"StudyInstanceUID"``.
+        value: the candidate (trailing NUL or space padding is removed first).
+
+    Raises:
+        ValueError: not a UID by the PS3.5 9.1 grammar.
+    """
+    if isinstance(value, str):
+        value = value.rstrip("\x00 ")
+    if not is_valid_uid(value):
+        shown = value if not isinstance(value, str) else value[:80]
+        raise ValueError(f"{name} must be a DICOM UID (digits and dots, <= 64 characters), got {shown!r}")
+    return value  # type: ignore[return-value]
+
+
+def uid_key(uid: str) -> str:
+    """The file-system name of a UID: 32 hex digits of its SHA-256 (the UID must be valid)."""
+    return hashlib.sha256(check_uid("uid", uid).encode("ascii")).hexdigest()[:32]
+
+
+def fsync_dir(path: Path) -> None:
+    """``fsync`` a folder so that the entries created or renamed in it survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically and durably: temporary file, fsync, rename, fsync of the folder.
+
+    A folder created on the way is made durable too (its parent is synced). On any error the temporary file is
+    removed and the target is left as it was.
+
+    Args:
+        path: the target file.
+        data: its whole content.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        OSError: the write failed (``errno.ENOSPC`` when the disk is full).
+    """
+    parent = path.parent
+    if not parent.is_dir():
+        parent.mkdir(parents=True, exist_ok=True)
+        fsync_dir(parent.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            _write_all(fh, data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    fsync_dir(parent)
+    return path
+
+
+def _write_all(fh: IO[bytes], data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = fh.write(view)
+        if not n:
+            raise OSError(errno.EIO, "write returned 0 bytes")
+        view = view[n:]
+
+
+class SpoolLockedError(RuntimeError):
+    """Another node process holds the spool directory."""
+
+
+class Spool:
+    """Paths of one spool directory, and the lock that keeps a second node out of it.
+
+    Args:
+        root: the spool directory (created if missing).
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.incoming = self.root / "incoming"
+        self.results = self.root / "results"
+        self.db_path = self.root / "queue.sqlite"
+        self.log_path = self.root / "serve.log"
+        self.lock_path = self.root / "serve.lock"
+        self._lock_fd: int | None = None
+
+    def create(self) -> Spool:
+        """Create the folders (durably) and return ``self``.
+
+        Raises:
+            ValueError: ``root`` exists and is not a folder.
+        """
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(f"spool_dir {self.root} exists and is not a directory")
+        for folder in (self.root, self.incoming, self.results):
+            if not folder.is_dir():
+                folder.mkdir(parents=True, exist_ok=True)
+                fsync_dir(folder.parent)
+        return self
+
+    def lock(self) -> None:
+        """Take the spool's lock for this process (released by the kernel if the process dies).
+
+        Raises:
+            SpoolLockedError: another process holds it.
+        """
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise SpoolLockedError(
+                f"spool_dir {self.root} is in use by another diffseg serve (pid {holder})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` (no-op if not held)."""
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def study_dir(self, study_uid: str) -> Path:
+        """Folder of a study's received instances."""
+        return self.incoming / uid_key(study_uid)
+
+    def instance_path(self, study_uid: str, sop_instance_uid: str) -> Path:
+        """File of one received instance."""
+        return self.study_dir(study_uid) / f"{uid_key(sop_instance_uid)}.dcm"
+
+    def result_path(self, study_uid: str) -> Path:
+        """File of a study's SEG."""
+        return self.results / f"{uid_key(study_uid)}.seg.dcm"
+
+    def remove_partial_writes(self) -> int:
+        """Delete temporary files left by a crash in the middle of a write; return how many."""
+        removed = 0
+        for folder in (self.incoming, self.results):
+            for tmp in folder.rglob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def instance_files(self) -> list[Path]:
+        """Every received instance file, sorted."""
+        return sorted(self.incoming.glob("*/*.dcm"))
