@@ -14,11 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import pydicom
+from .spool import check_uid, fsync_dir
 
-from .spool import check_uid, write_durable
-
-__all__ = ["SegPipeline", "SegUids", "SegmenterPipeline", "model_version_of", "seg_uids", "stamp_uids"]
+__all__ = ["SegPipeline", "SegUids", "SegmenterPipeline", "model_version_of", "seg_uids"]
 
 logger = logging.getLogger("diffseg")
 
@@ -60,21 +58,6 @@ def seg_uids(study_uid: str, model_version: str) -> SegUids:
     return SegUids(series_instance_uid=f"2.25.{series.int}", sop_instance_uid=f"2.25.{instance.int}")
 
 
-def stamp_uids(src: Path, dst: Path, uids: SegUids) -> Path:
-    """Copy the SEG at ``src`` to ``dst`` (durably) with the given Series and SOP Instance UIDs.
-
-    Returns:
-        ``dst``.
-    """
-    ds = pydicom.dcmread(src)
-    ds.SeriesInstanceUID = uids.series_instance_uid
-    ds.SOPInstanceUID = uids.sop_instance_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = uids.sop_instance_uid
-    buf = pydicom.filebase.DicomBytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return write_durable(dst, buf.getvalue())
-
-
 class SegPipeline(Protocol):
     """Turns a folder of received instances into a SEG file.
 
@@ -100,7 +83,7 @@ def model_version_of(segmenter: Any, model: str) -> str:
 
 
 class SegmenterPipeline:
-    """The default pipeline: ``read_pet_ct`` → ``Segmenter.predict`` → ``write_seg`` (BINARY).
+    """The default pipeline: ``read_pet_ct`` → ``Segmenter.predict`` → ``write_seg`` (BINARY, our UIDs).
 
     The model is loaded once, here, and reused for every study.
 
@@ -115,7 +98,7 @@ class SegmenterPipeline:
     def __init__(self, model: str, backend: str) -> None:
         try:
             from diffseg.runtime import Segmenter  # type: ignore[attr-defined]
-            from diffseg.runtime.dicom import read_pet_ct, write_seg
+            from diffseg.runtime.dicom import SegOptions, read_pet_ct, write_seg
         except ImportError as exc:
             raise RuntimeError(f"the segmentation pipeline is not available in this build: {exc}") from exc
         start = time.perf_counter()
@@ -123,6 +106,7 @@ class SegmenterPipeline:
         self.model_version = model_version_of(self.segmenter, model)
         self._read = read_pet_ct
         self._write = write_seg
+        self._seg_options = SegOptions
         logger.info(
             "model loaded",
             extra={
@@ -141,12 +125,11 @@ class SegmenterPipeline:
         t1 = time.perf_counter()
         result = self.segmenter.predict(study.ct, study.pet)
         t2 = time.perf_counter()
-        draft = out_path.with_name(f".{out_path.name}.draft.dcm")
-        try:
-            self._write(result.mask, study, draft)
-            stamp_uids(draft, out_path, uids)
-        finally:
-            draft.unlink(missing_ok=True)
+        options = self._seg_options(
+            series_instance_uid=uids.series_instance_uid, sop_instance_uid=uids.sop_instance_uid
+        )
+        self._write(result.mask, study, out_path, options=options)  # atomic: temporary file, fsync, rename
+        fsync_dir(out_path.parent)
         t3 = time.perf_counter()
         return {
             "read_s": round(t1 - t0, 3),

@@ -196,7 +196,7 @@ class Spool:
         """Delete temporary files left by a crash in the middle of a write; return how many."""
         removed = 0
         for folder in (self.incoming, self.results):
-            for tmp in folder.rglob(".*.tmp"):
+            for tmp in folder.rglob(".*.tmp*"):  # ours end in .tmp; atomic_path's in .tmp<suffix>
                 tmp.unlink(missing_ok=True)
                 removed += 1
         return removed

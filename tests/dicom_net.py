@@ -1,0 +1,298 @@
+"""DICOM network test helpers: a private network namespace, Debian's Orthanc, dcmtk clients, tiny studies.
+
+Orthanc 1.10 binds every interface, so it is only ever started from a thread that has moved into a private
+network namespace (``unshare(CLONE_NEWNET)`` on the calling thread, loopback brought up);
+:func:`private_netns` refuses to yield otherwise, and :class:`Orthanc` checks again before it starts.
+Processes started from that thread (Orthanc, the node, dcmtk's clients) inherit the namespace; the thread
+returns to its own namespace afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+__all__ = [
+    "DCMTK_DIR",
+    "Orthanc",
+    "dcmtk",
+    "free_port",
+    "netns_unavailable_reason",
+    "private_netns",
+    "tiny_study",
+    "wait_for",
+]
+
+CLONE_NEWNET = 0x40000000
+#: dcmtk's tools live in /usr/bin; pynetdicom installs console scripts with the same names earlier on PATH.
+DCMTK_DIR = Path("/usr/bin")
+ORTHANC = Path("/usr/sbin/Orthanc")
+
+
+def _netns_id() -> str:
+    return os.readlink("/proc/thread-self/ns/net")
+
+
+def netns_unavailable_reason() -> str | None:
+    """Why these tests cannot run here (None if they can): root, ``unshare -n``, ``ip``, Orthanc, dcmtk."""
+    if sys.platform != "linux":
+        return f"needs Linux network namespaces, platform is {sys.platform}"
+    for tool in ("unshare", "ip"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found on PATH"
+    probe = subprocess.run(["unshare", "-n", "-m", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"'unshare -n -m true' failed (rc {probe.returncode}): {probe.stderr.strip()} (needs root)"
+    if not ORTHANC.exists():
+        return f"{ORTHANC} not found: apt-get install -y orthanc"
+    for tool in ("echoscu", "storescu"):
+        if not (DCMTK_DIR / tool).exists():
+            return f"{DCMTK_DIR / tool} not found: apt-get install -y dcmtk"
+    return None
+
+
+@contextlib.contextmanager
+def private_netns() -> Iterator[str]:
+    """Move the calling thread into a new network namespace with ``lo`` up; return to the old one on exit.
+
+    Yields:
+        The namespace's identifier (``net:[inode]``).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    old = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    before = _netns_id()
+    try:
+        if libc.unshare(CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"unshare(CLONE_NEWNET) failed: {os.strerror(err)}")
+        try:
+            inside = _netns_id()
+            if inside == before:
+                raise RuntimeError("unshare(CLONE_NEWNET) left the thread in its old network namespace")
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+            yield inside
+        finally:
+            if libc.setns(old, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns back to the original network namespace failed: {os.strerror(err)}")
+    finally:
+        os.close(old)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback of the current namespace."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll ``predicate`` until it returns a truthy value; raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def dcmtk(tool: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run a dcmtk tool (from /usr/bin, TCP_NODELAY on) and capture its output."""
+    env = dict(os.environ, TCP_NODELAY="1")
+    return subprocess.run(
+        [str(DCMTK_DIR / tool), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@dataclass
+class Orthanc:
+    """Debian's Orthanc in the current (private) network namespace, with one modality entry for the node.
+
+    Attributes:
+        workdir: folder for its configuration, storage and log.
+        node_aet, node_port: the modality entry ``node`` (our SCP).
+        aet, dicom_port, http_port: Orthanc's own AE title and ports.
+    """
+
+    workdir: Path
+    node_aet: str
+    node_port: int
+    aet: str = "ORTHANC"
+    dicom_port: int = 0
+    http_port: int = 0
+    process: subprocess.Popen | None = None
+
+    def start(self, host_netns: str) -> Orthanc:
+        if _netns_id() == host_netns:
+            raise RuntimeError(
+                "refusing to start Orthanc outside a private network namespace (it binds 0.0.0.0)"
+            )
+        self.dicom_port = self.dicom_port or free_port()
+        self.http_port = self.http_port or free_port()
+        db = self.workdir / "db"
+        db.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "PACS-TEST",
+            "StorageDirectory": str(db),
+            "IndexDirectory": str(db),
+            "Plugins": [],
+            "HttpServerEnabled": True,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomServerEnabled": True,
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckModalityHost": False,
+            "DicomModalities": {"node": {"AET": self.node_aet, "Host": "127.0.0.1", "Port": self.node_port}},
+            "OrthancExplorerEnabled": False,
+            "WebDavEnabled": False,
+            "StableAge": 60,
+            "SaveJobs": False,
+        }
+        cfg = self.workdir / "orthanc.json"
+        cfg.write_text(json.dumps(config, indent=2))
+        log = self.workdir / "orthanc.log"
+        self.process = subprocess.Popen(
+            [str(ORTHANC), str(cfg), f"--logfile={log}"],
+            env=dict(os.environ, TCP_NODELAY="1"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._alive, 30, f"Orthanc on http port {self.http_port} (log {log})")
+        return self
+
+    def _alive(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(
+                f"Orthanc exited with {self.process.returncode}; see {self.workdir}/orthanc.log"
+            )
+        try:
+            self.get("/system")
+        except (urllib.error.URLError, ConnectionError):
+            return False
+        return True
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def _request(self, method: str, path: str, body: object | None = None, raw: bool = False):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        with urllib.request.urlopen(req, timeout=120) as rsp:
+            payload = rsp.read()
+        return payload if raw else json.loads(payload)
+
+    def get(self, path: str, raw: bool = False):
+        return self._request("GET", path, raw=raw)
+
+    def post(self, path: str, body: object):
+        return self._request("POST", path, body)
+
+    def delete(self, path: str):
+        return self._request("DELETE", path)
+
+    def upload(self, path: Path) -> dict:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}/instances", data=path.read_bytes(), method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=60) as rsp:
+            return json.loads(rsp.read())
+
+    def find(self, level: str, query: dict) -> list:
+        return self.post("/tools/find", {"Level": level, "Query": query, "Expand": True})
+
+    def push_to_node(self, resources: list[str]) -> dict:
+        return self.post("/modalities/node/store", {"Resources": resources, "Synchronous": True})
+
+
+def tiny_study(
+    out_dir: Path, n_ct: int = 4, n_pt: int = 3, size: int = 16, study_uid: str | None = None
+) -> list[Path]:
+    """Write a small, valid CT + PET study (``size``² pixels) with pydicom; return the files.
+
+    Enough for the node's transport and spool tests; the segmentation tests use the project's phantom writer.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid()
+    frame_uid = generate_uid()
+    rng = np.random.default_rng(0)
+    files = []
+    for modality, count, sop_class in (
+        ("CT", n_ct, "1.2.840.10008.5.1.4.1.1.2"),
+        ("PT", n_pt, "1.2.840.10008.5.1.4.1.1.128"),
+    ):
+        series_uid = generate_uid()
+        for i in range(count):
+            sop_uid = generate_uid()
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = sop_class
+            meta.MediaStorageSOPInstanceUID = sop_uid
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds = Dataset()
+            ds.file_meta = meta
+            ds.SOPClassUID = sop_class
+            ds.SOPInstanceUID = sop_uid
+            ds.StudyInstanceUID = study_uid
+            ds.SeriesInstanceUID = series_uid
+            ds.FrameOfReferenceUID = frame_uid
+            ds.Modality = modality
+            ds.PatientName = "Tiny^Study"
+            ds.PatientID = "TINY0001"
+            ds.StudyDate = "20240101"
+            ds.StudyTime = "120000"
+            ds.SeriesNumber = 1 if modality == "CT" else 2
+            ds.InstanceNumber = i + 1
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            ds.ImagePositionPatient = [0.0, 0.0, 3.0 * i]
+            ds.PixelSpacing = [1.0, 1.0]
+            ds.SliceThickness = 3.0
+            ds.Rows = ds.Columns = size
+            ds.SamplesPerPixel = 1
+            ds.PhotometricInterpretation = "MONOCHROME2"
+            ds.BitsAllocated = 16
+            ds.BitsStored = 16
+            ds.HighBit = 15
+            ds.PixelRepresentation = 1 if modality == "CT" else 0
+            ds.RescaleIntercept = -1024 if modality == "CT" else 0
+            ds.RescaleSlope = 1
+            dtype = np.int16 if modality == "CT" else np.uint16
+            ds.PixelData = rng.integers(0, 2000, (size, size)).astype(dtype).tobytes()
+            path = out_dir / f"{modality}{i:03d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+    return files
+
+
+def read_uid(path: Path, keyword: str) -> str:
+    """One UID of a DICOM file (header only)."""
+    return str(getattr(pydicom.dcmread(path, stop_before_pixels=True), keyword))
