@@ -17,7 +17,7 @@ from .seg import SegOptions, read_seg, write_seg
 from .select import CT_RULES, PET_RULES, SeriesRules, select_series, series_mismatches
 from .series import LoadedSeries, LoadOptions, load_series, read_series
 from .study import PatientInfo, PetCtRules, PetCtStudy, read_pet_ct
-from .suv import SuvConversion, parse_dicom_datetime, suv_conversion
+from .suv import SuvConversion, parse_dicom_datetime, parse_dicom_dt, suv_conversion
 from .synthetic import UID_ROOT, SyntheticDicomOptions, phantom_uid, write_phantom_dicom
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "lesion_table_header",
     "load_series",
     "parse_dicom_datetime",
+    "parse_dicom_dt",
     "phantom_uid",
     "read_pet_ct",
     "read_seg",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..volume import Volume
 from .errors import DicomInputError
-from .scan import SeriesInfo, scan_dicom_folder
+from .scan import SeriesInfo, scan_dicom
 from .select import CT_RULES, PET_RULES, SeriesRules, select_series
 from .series import LoadOptions, read_series
 from .suv import SuvConversion
@@ -32,12 +32,16 @@ class PetCtRules:
         same_study: CT and PET must share StudyInstanceUID.
         same_frame_of_reference: CT and PET must share FrameOfReferenceUID (same patient coordinates, as a
             hybrid scanner writes them); False accepts separate frames (registration is then the user's job).
+        allow_broken_files: False: any unreadable (truncated, corrupt) file in the folders is an error, since
+            a file cut before its series UID may be a missing end slice that no geometry check can see; True:
+            such files are ignored (those of the selected series are still refused).
     """
 
     ct: SeriesRules = CT_RULES
     pet: SeriesRules = PET_RULES
     same_study: bool = True
     same_frame_of_reference: bool = True
+    allow_broken_files: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,13 +116,19 @@ def _patient(ct: Dataset, pet: Dataset) -> PatientInfo:
     )
 
 
-def _scan(folder: Path, what: str) -> list[SeriesInfo]:
+def _scan(folder: Path, what: str, allow_broken: bool) -> list[SeriesInfo]:
     if not folder.exists():
         raise FileNotFoundError(f"{what} {folder}: no such folder")
-    series = scan_dicom_folder(folder)
-    if not series:
+    result = scan_dicom(folder)
+    broken = [s for s in result.skipped if s.broken]
+    if broken and not allow_broken:
+        raise DicomInputError(
+            f"{what} {folder}: {len(broken)} file(s) cannot be read, e.g. {broken[0].path}: "
+            f"{broken[0].reason} (incomplete transfer?); PetCtRules(allow_broken_files=True) ignores them"
+        )
+    if not result.series:
         raise DicomInputError(f"{what} {folder}: no DICOM image series found")
-    return series
+    return result.series
 
 
 def read_pet_ct(
@@ -140,8 +150,9 @@ def read_pet_ct(
 
     Raises:
         FileNotFoundError: a folder does not exist.
-        DicomInputError: no or ambiguous series, several studies in one folder, CT and PET from different
-            studies or frames of reference, slice geometry problems, or PET attributes for SUVbw missing.
+        DicomInputError: unreadable files (see ``PetCtRules.allow_broken_files``), no or ambiguous series,
+            several studies in one folder, CT and PET from different studies or frames of reference, slice
+            geometry problems, or PET attributes for SUVbw missing.
     """
     rules = rules or PetCtRules()
     opt = options or LoadOptions()
@@ -150,10 +161,10 @@ def read_pet_ct(
     if isinstance(source, tuple):
         if len(source) != 2:
             raise ValueError(f"source must be a folder or a (ct_dir, pet_dir) pair, got {len(source)} paths")
-        ct_candidates = _scan(Path(source[0]), "CT folder")
-        pet_candidates = _scan(Path(source[1]), "PET folder")
+        ct_candidates = _scan(Path(source[0]), "CT folder", rules.allow_broken_files)
+        pet_candidates = _scan(Path(source[1]), "PET folder", rules.allow_broken_files)
     else:
-        ct_candidates = pet_candidates = _scan(Path(source), "study folder")
+        ct_candidates = pet_candidates = _scan(Path(source), "study folder", rules.allow_broken_files)
         studies = sorted({s.study_instance_uid for s in ct_candidates})
         if len(studies) > 1:
             raise DicomInputError(

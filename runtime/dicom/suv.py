@@ -35,7 +35,7 @@ from .errors import DicomInputError
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-__all__ = ["SuvConversion", "parse_dicom_datetime", "suv_conversion"]
+__all__ = ["SuvConversion", "parse_dicom_datetime", "parse_dicom_dt", "suv_conversion"]
 
 logger = logging.getLogger("diffseg")
 
@@ -69,23 +69,32 @@ class SuvConversion:
 _TM = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?$")
 
 
-def parse_dicom_datetime(date: str | None, time: str | None = None) -> datetime | None:
-    """A ``datetime`` from a DA and a TM, or from a DT alone (``time=None``); None when absent.
+def parse_dicom_dt(value: str | None) -> datetime | None:
+    """A ``datetime`` from a DT value (``YYYYMMDDHHMMSS.FFFFFF&ZZXX``); None when absent.
 
-    Time-zone offsets of DT values are ignored (all times of one study are taken as local); the old
-    ``HH:MM:SS`` TM form is accepted.
+    The time-zone offset is ignored: all times of one study are taken as local.
+
+    Raises:
+        ValueError: a value is present but malformed.
+    """
+    text = str(value or "").strip()
+    if not text:
+        return None
+    text = re.split(r"[+-]", text, maxsplit=1)[0]
+    if len(text) < 8:
+        raise ValueError(f"DT value {value!r} has no full date")
+    return parse_dicom_datetime(text[:8], text[8:] or "000000")
+
+
+def parse_dicom_datetime(date: str | None, time: str | None) -> datetime | None:
+    """A ``datetime`` from a DA and a TM value; None when either is absent.
+
+    The old ``HH:MM:SS`` TM form is accepted.
 
     Raises:
         ValueError: a value is present but malformed.
     """
     date = str(date or "").strip()
-    if time is None:
-        if not date:
-            return None
-        text = re.split(r"[+-]", date, maxsplit=1)[0]
-        if len(text) < 8:
-            raise ValueError(f"DT value {date!r} has no full date")
-        return parse_dicom_datetime(text[:8], text[8:] or "000000")
     time = str(time or "").strip().replace(":", "")
     if not date or not time:
         return None
@@ -116,14 +125,14 @@ def _positive(ds: Dataset, keyword: str, name: str, where: str = "") -> float:
 
 def _acquisition_time(ds: Dataset) -> datetime | None:
     if ds.get("AcquisitionDateTime"):
-        return parse_dicom_datetime(ds.AcquisitionDateTime)
+        return parse_dicom_dt(ds.AcquisitionDateTime)
     return parse_dicom_datetime(ds.get("AcquisitionDate") or ds.get("SeriesDate"), ds.get("AcquisitionTime"))
 
 
 def _injection_time(info: Dataset, first: Dataset, scan: datetime | None, name: str) -> datetime:
     where = " in RadiopharmaceuticalInformationSequence"
     if info.get("RadiopharmaceuticalStartDateTime"):
-        return parse_dicom_datetime(info.RadiopharmaceuticalStartDateTime)  # type: ignore[return-value]
+        return parse_dicom_dt(info.RadiopharmaceuticalStartDateTime)  # type: ignore[return-value]
     start = info.get("RadiopharmaceuticalStartTime")
     if not start:
         raise DicomInputError(
