@@ -32,11 +32,14 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 __all__ = [
     "DCMTK_DIR",
+    "NodeProcess",
     "Orthanc",
     "dcmtk",
     "free_port",
     "netns_unavailable_reason",
     "private_netns",
+    "send_raw",
+    "store_files",
     "tiny_study",
     "wait_for",
 ]
@@ -221,6 +224,13 @@ class Orthanc:
     def delete(self, path: str):
         return self._request("DELETE", path)
 
+    def put(self, path: str, body: object):
+        return self._request("PUT", path, body, raw=True)
+
+    def add_modality(self, name: str, aet: str, port: int) -> None:
+        """Register (or replace) a DICOM modality, e.g. a node on another port."""
+        self.put(f"/modalities/{name}", {"AET": aet, "Host": "127.0.0.1", "Port": port})
+
     def upload(self, path: Path) -> dict:
         req = urllib.request.Request(
             f"http://127.0.0.1:{self.http_port}/instances", data=path.read_bytes(), method="POST"
@@ -231,8 +241,9 @@ class Orthanc:
     def find(self, level: str, query: dict) -> list:
         return self.post("/tools/find", {"Level": level, "Query": query, "Expand": True})
 
-    def push_to_node(self, resources: list[str]) -> dict:
-        return self.post("/modalities/node/store", {"Resources": resources, "Synchronous": True})
+    def push_to_node(self, resources: list[str], modality: str = "node") -> dict:
+        """C-STORE Orthanc resources (study/series ids) to a modality, synchronously."""
+        return self.post(f"/modalities/{modality}/store", {"Resources": resources, "Synchronous": True})
 
 
 def tiny_study(
@@ -296,3 +307,167 @@ def tiny_study(
 def read_uid(path: Path, keyword: str) -> str:
     """One UID of a DICOM file (header only)."""
     return str(getattr(pydicom.dcmread(path, stop_before_pixels=True), keyword))
+
+
+@dataclass
+class NodeProcess:
+    """``diffseg serve`` as a child process (so that a test can SIGKILL it), optionally on a tiny tmpfs spool.
+
+    With ``tmpfs_size`` the node runs in its own mount namespace (``unshare -m``) with a tmpfs of that size
+    mounted on the spool; its files are then read through ``/proc/<pid>/root``.
+
+    Attributes:
+        workdir: holds the configuration, the spool (unless tmpfs) and the node's stderr.
+        port: the node's DICOM port.
+        config: extra configuration keys (destination, idle_seconds...).
+        worker: False runs ``--no-worker``.
+        tmpfs_size: e.g. ``"600k"``; None keeps the spool on the test's disk.
+    """
+
+    workdir: Path
+    port: int
+    config: dict
+    worker: bool = False
+    tmpfs_size: str | None = None
+    process: subprocess.Popen | None = None
+    starts: int = 0
+
+    @property
+    def spool(self) -> Path:
+        return self.workdir / "spool"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.workdir / f"node-{self.starts}.stderr"
+
+    def view(self, path: Path) -> Path:
+        """Where this process (and its mount namespace) sees ``path``."""
+        if self.tmpfs_size is None:
+            return path
+        return Path(f"/proc/{self.process.pid}/root") / path.relative_to("/")
+
+    def start(self, timeout: float = 60) -> NodeProcess:
+        self.starts += 1
+        self.spool.mkdir(parents=True, exist_ok=True)
+        config = {
+            "ae_title": "NODE",
+            "port": self.port,
+            "allowed_calling_aets": ["PACS", "ORTHANC"],
+            "spool_dir": str(self.spool),
+            "idle_seconds": 1.0,
+            "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": 9},
+            **self.config,
+        }
+        cfg = self.workdir / "node.json"
+        cfg.write_text(json.dumps(config, indent=2))
+        cmd = [sys.executable, "-m", "diffseg", "serve", "--config", str(cfg), "--stop-grace", "5"]
+        if not self.worker:
+            cmd.append("--no-worker")
+        if self.tmpfs_size is not None:
+            mount = f"mount -t tmpfs -o size={self.tmpfs_size} diffseg-test-spool {self.spool}"
+            cmd = [
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f'{mount} && exec "$@"',
+                "sh",
+                *cmd,
+            ]
+        # cwd outside the repository: its diffseg/ folder would shadow the installed package
+        with open(self.stderr_path, "wb") as err:
+            self.process = subprocess.Popen(cmd, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=err)
+        wait_for(lambda: self._started(), timeout, f"the node to start (stderr {self.stderr_path})")
+        return self
+
+    def _started(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(
+                f"node exited with {self.process.returncode}: {self.stderr_path.read_text()[-3000:]}"
+            )
+        return bool(self.events("started"))
+
+    def events(self, event: str | None = None, start: int | None = None) -> list[dict]:
+        """JSON log records of one start (default: the current one) from stderr, optionally one event only."""
+        path = self.workdir / f"node-{start or self.starts}.stderr"
+        out = []
+        for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    rec = json.loads(line)
+                    if event is None or rec.get("event") == event:
+                        out.append(rec)
+        return out
+
+    def status(self) -> dict:
+        """``diffseg serve --status --json`` of the spool, run where the node sees it."""
+        cmd = [sys.executable, "-m", "diffseg", "serve", "--status", "--json", "--spool", str(self.spool)]
+        if self.tmpfs_size is not None:
+            cmd = ["nsenter", "-t", str(self.process.pid), "-m", *cmd]
+        out = subprocess.run(cmd, cwd=self.workdir, capture_output=True, text=True, timeout=60, check=True)
+        return json.loads(out.stdout)
+
+    def stop(self) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode if self.process is not None else 0
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+
+def send_raw(path: Path, port: int, calling_aet: str = "PACS", called_aet: str = "NODE") -> int | None:
+    """C-STORE the bytes of ``path`` as they are (file meta read, data set not decoded); return the status.
+
+    dcmtk's storescu refuses to send a file it cannot parse, so the damaged-upload tests use pynetdicom's
+    chunked sending, which streams the data set bytes without decoding them.
+    """
+    from pynetdicom import AE, _config
+    from pynetdicom.dsutils import split_dataset
+
+    meta, _ = split_dataset(path)
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
+        if not assoc.is_established:
+            raise RuntimeError(f"association with {called_aet} on port {port} not established")
+        try:
+            rsp = assoc.send_c_store(path)
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+    status = getattr(rsp, "Status", None)
+    return None if status is None else int(status)
+
+
+def store_files(
+    paths: list[Path], port: int, calling_aet: str = "PACS", called_aet: str = "NODE"
+) -> list[int]:
+    """C-STORE files in one association with pynetdicom; return each status (-1: no answer)."""
+    from pynetdicom import AE
+
+    datasets = [pydicom.dcmread(p) for p in paths]
+    ae = AE(ae_title=calling_aet)
+    for uid in sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}):
+        ae.add_requested_context(*uid)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
+    if not assoc.is_established:
+        raise RuntimeError(f"association with {called_aet} on port {port} not established")
+    try:
+        return [int(getattr(assoc.send_c_store(ds), "Status", -1)) for ds in datasets]
+    finally:
+        assoc.release()

@@ -253,7 +253,12 @@ class StorageSCP:
             logger.warning(
                 "C-STORE refused: %s",
                 exc,
-                extra={"event": "store_refused", "status": exc.status, "peer": peer, "reason": str(exc)},
+                extra={
+                    "event": "store_refused",
+                    "status": f"0x{exc.status:04X}",
+                    "peer": peer,
+                    "reason": str(exc),
+                },
             )
             return exc.status
         except Exception as exc:  # the handler must answer whatever happens; pynetdicom would answer 0xC211
@@ -272,7 +277,7 @@ class StorageSCP:
                 exc,
                 extra={
                     "event": "store_failed",
-                    "status": STATUS_OUT_OF_RESOURCES,
+                    "status": f"0x{STATUS_OUT_OF_RESOURCES:04X}",
                     "errno": errno.errorcode.get(exc.errno or 0, str(exc.errno)),
                     "disk_full": full,
                     "study_uid": inst.study_uid,
@@ -298,7 +303,7 @@ class StorageSCP:
                 exc,
                 extra={
                     "event": "store_failed",
-                    "status": STATUS_OUT_OF_RESOURCES,
+                    "status": f"0x{STATUS_OUT_OF_RESOURCES:04X}",
                     "disk_full": "full" in str(exc),
                     "study_uid": inst.study_uid,
                     "sop_instance_uid": inst.sop_instance_uid,

@@ -216,7 +216,7 @@ class Worker:
                 "job": job.id,
                 "study_uid": job.study_uid,
                 "seg_sop_instance_uid": job.seg_sop_instance_uid,
-                "status": result.status,
+                "status": f"0x{result.status:04X}",
                 "send_s": round(result.seconds, 3),
             },
         )

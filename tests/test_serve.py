@@ -1,0 +1,312 @@
+"""The DICOM node over the network: dcmtk clients, pynetdicom, Debian's Orthanc, all inside a private network
+namespace (the test thread moves into a fresh one with ``lo`` up; Orthanc binds every interface and is never
+started outside it). The node runs as a child process (``python -m diffseg serve``) so that it can be killed.
+
+References: dcmtk's ``echoscu``/``storescu`` exit codes and messages; PS3.4 Table B.2-1 statuses (0x0000,
+0xA700 out of resources, 0xC000 cannot understand); the sent files (pydicom data set equality, exact);
+Orthanc's REST API for what reached the PACS; ``Segmenter.predict`` run here for the voxel-for-voxel check of
+the SEG (exact), and the phantom ground truth for Dice (tolerance named in the test).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dicom_net import (
+    NodeProcess,
+    Orthanc,
+    dcmtk,
+    free_port,
+    netns_unavailable_reason,
+    private_netns,
+    send_raw,
+    store_files,
+    tiny_study,
+    wait_for,
+)
+from diffseg.runtime.serve import Spool, seg_uids
+from pydicom.uid import generate_uid
+
+pytestmark = pytest.mark.dicom_net
+
+_REASON = netns_unavailable_reason()
+if _REASON is not None:
+    pytest.skip(f"DICOM network tests skipped: {_REASON}", allow_module_level=True)
+
+
+def _segmenter_unavailable() -> str | None:
+    try:
+        from diffseg.runtime import Segmenter  # noqa: F401
+        from diffseg.runtime.dicom import read_seg  # noqa: F401
+    except ImportError as exc:
+        return f"diffseg.runtime.Segmenter is not available yet ({exc})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def netns():
+    """The host namespace's id; the test thread is in a private one while the module runs."""
+    host = os.readlink("/proc/thread-self/ns/net")
+    with private_netns():
+        yield host
+
+
+@pytest.fixture(scope="module")
+def node(netns, tmp_path_factory):
+    """A receive-only node (no model) for the transport tests."""
+    proc = NodeProcess(tmp_path_factory.mktemp("node"), free_port(), {"idle_seconds": 1.0}).start()
+    yield proc
+    assert proc.stop() == 0, proc.stderr_path.read_text()[-2000:]
+
+
+def _spool_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.parent.parent.name == "incoming")
+
+
+def _temporaries(root: Path) -> list[Path]:
+    return [p for p in root.rglob(".*") if ".tmp" in p.name]
+
+
+# -- transport: echo, AE titles, storage into the spool ------------------------------------------------------
+
+
+def test_c_echo(node: NodeProcess) -> None:
+    result = dcmtk("echoscu", "-aet", "PACS", "-aec", "NODE", "127.0.0.1", str(node.port))
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: node.events("echo"), 5, "the C-ECHO in the node's log")
+
+
+def test_unknown_calling_ae_title_is_rejected_and_logged(node: NodeProcess, tmp_path: Path) -> None:
+    before = _spool_files(node.spool)
+    echo = dcmtk("echoscu", "-aet", "INTRUDER", "-aec", "NODE", "127.0.0.1", str(node.port))
+    assert echo.returncode != 0
+    assert "Calling AE Title Not Recognized" in echo.stdout + echo.stderr
+    files = tiny_study(tmp_path / "study", n_ct=2, n_pt=0)
+    store = dcmtk("storescu", "-aet", "INTRUDER", "-aec", "NODE", "127.0.0.1", str(node.port), str(files[0]))
+    assert store.returncode != 0
+    records = wait_for(
+        lambda: [r for r in node.events("association_rejected") if r["calling_aet"] == "INTRUDER"],
+        5,
+        "two rejections of INTRUDER in the log",
+    )
+    assert len(records) >= 1 and records[0]["level"] == "WARNING"
+    wait_for(
+        lambda: len([r for r in node.events("association_rejected") if r["calling_aet"] == "INTRUDER"]) == 2,
+        5,
+        "the second rejection",
+    )
+    assert _spool_files(node.spool) == before
+
+
+def test_storescu_study_reaches_the_spool_before_success(node: NodeProcess, tmp_path: Path) -> None:
+    study_uid = str(generate_uid())
+    files = tiny_study(tmp_path / "study", n_ct=4, n_pt=3, study_uid=study_uid)
+    result = dcmtk(
+        "storescu",
+        "-aet",
+        "PACS",
+        "-aec",
+        "NODE",
+        "+sd",
+        "+r",
+        "127.0.0.1",
+        str(node.port),
+        str(tmp_path / "study"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    # storescu has every C-STORE-RSP: each instance must already be whole in the spool, under a hashed name
+    spool = Spool(node.spool)
+    for path in files:
+        sent = pydicom.dcmread(path)
+        stored = spool.instance_path(study_uid, sent.SOPInstanceUID)
+        assert stored.is_file(), f"{path.name} answered success but is not in the spool"
+        assert pydicom.dcmread(stored) == sent
+    assert sorted(p.name for p in spool.study_dir(study_uid).iterdir()) == sorted(
+        spool.instance_path(study_uid, pydicom.dcmread(p).SOPInstanceUID).name for p in files
+    )
+    assert _temporaries(node.spool) == []
+
+    def queued():
+        jobs = [j for j in node.status()["jobs"] if j["study_uid"] == study_uid]
+        return jobs if jobs and jobs[0]["state"] == "queued" else None
+
+    (job,) = wait_for(queued, 10, "the study's job after idle_seconds")
+    assert job["instances"] == len(files)
+
+
+def test_damaged_uploads_get_a_failure_status_and_the_node_keeps_running(
+    node: NodeProcess, tmp_path: Path
+) -> None:
+    good, spare = tiny_study(tmp_path / "study", n_ct=2, n_pt=0)
+    # (1) structurally valid for dcmtk but with half its pixel data: storescu sends it
+    ds = pydicom.dcmread(good)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    short = tmp_path / "short_pixels.dcm"
+    ds.save_as(short)
+    result = dcmtk("storescu", "-v", "-aet", "PACS", "-aec", "NODE", "127.0.0.1", str(node.port), str(short))
+    assert "Received Store Response (Error: CannotUnderstand)" in result.stdout + result.stderr
+    # (2) a file cut in the middle of its pixel data and (3) a valid header followed by bytes that are not
+    # DICOM, streamed undecoded (dcmtk refuses to send both)
+    from pynetdicom.dsutils import split_dataset
+
+    raw = good.read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(raw[:-200])
+    _, offset = split_dataset(good)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(raw[:offset] + b"this is not a DICOM data set " * 40)
+    assert send_raw(truncated, node.port) == 0xC000
+    assert send_raw(junk, node.port) == 0xC000
+    refused = wait_for(
+        lambda: len(node.events("store_refused")) >= 3 and node.events("store_refused"), 5, "logs"
+    )
+    reasons = [r["reason"] for r in refused]
+    assert any("pixel data truncated: 256 bytes, expected 512" in r for r in reasons)
+    assert any("pixel data truncated: 312 bytes, expected 512" in r for r in reasons)
+    assert any("has no StudyInstanceUID" in r for r in reasons)
+    assert all(r["status"] == "0xC000" for r in refused)
+    # nothing of the refused instance reached the spool; the node still answers and stores
+    assert not Spool(node.spool).instance_path(ds.StudyInstanceUID, ds.SOPInstanceUID).exists()
+    assert dcmtk("echoscu", "-aet", "PACS", "-aec", "NODE", "127.0.0.1", str(node.port)).returncode == 0
+    assert store_files([spare], node.port) == [0x0000]
+    assert node.process.poll() is None
+
+
+def test_disk_full_fails_clearly_and_loses_nothing(netns, tmp_path: Path) -> None:
+    """Spool on a 1 MiB tmpfs (own mount namespace); 16 CT slices of 128 KiB overflow it."""
+    files = tiny_study(tmp_path / "big", n_ct=16, n_pt=0, size=256)
+    proc = NodeProcess(tmp_path / "full", free_port(), {"idle_seconds": 60.0}, tmpfs_size="1m").start()
+    try:
+        statuses = store_files(files, proc.port)
+        assert statuses[0] == 0x0000 and statuses[-1] == 0xA700, statuses
+        assert set(statuses) == {0x0000, 0xA700}
+        failures = wait_for(lambda: proc.events("store_failed"), 5, "the disk-full error in the log")
+        assert failures[0]["level"] == "ERROR" and failures[0]["disk_full"] is True
+        assert failures[0]["status"] == "0xA700"
+        # every instance answered success is whole in the spool and recorded in the queue
+        spool = Spool(proc.spool)
+        stored = [f for f, s in zip(files, statuses, strict=True) if s == 0]
+        for path in stored:
+            sent = pydicom.dcmread(path)
+            on_disk = proc.view(spool.instance_path(sent.StudyInstanceUID, sent.SOPInstanceUID))
+            assert pydicom.dcmread(on_disk) == sent
+        assert _temporaries(proc.view(proc.spool)) == []
+        assert proc.status()["summary"]["instances"] == len(stored)
+        # still alive and answering
+        assert dcmtk("echoscu", "-aet", "PACS", "-aec", "NODE", "127.0.0.1", str(proc.port)).returncode == 0
+    finally:
+        assert proc.stop() == 0
+
+
+# -- with Orthanc --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def phantom_studies(tmp_path_factory):
+    """Two small synthetic PET/CT studies as DICOM (the project's phantom writer)."""
+    from diffseg.runtime.dicom import write_phantom_dicom
+    from diffseg.runtime.phantom import PhantomOptions, make_phantom
+
+    root = tmp_path_factory.mktemp("phantoms")
+    out = {}
+    for seed in (1, 2):
+        phantom = make_phantom(seed, PhantomOptions(ct_size_xy=64, ct_slices=12))
+        info = write_phantom_dicom(phantom, root / f"seed{seed}")
+        out[seed] = (phantom, info, root / f"seed{seed}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def orthanc(netns, node, tmp_path_factory, phantom_studies):
+    pacs = Orthanc(tmp_path_factory.mktemp("orthanc"), node_aet="NODE", node_port=node.port).start(netns)
+    for _, info, _ in phantom_studies.values():
+        for path in info["ct_files"] + info["pet_files"]:
+            assert pacs.upload(Path(path))["Status"] == "Success"
+    yield pacs
+    pacs.stop()
+
+
+def _orthanc_study_id(pacs: Orthanc, study_uid: str) -> str:
+    (study,) = pacs.find("Study", {"StudyInstanceUID": study_uid})
+    return study["ID"]
+
+
+def test_orthanc_pushes_a_study_into_the_spool(orthanc: Orthanc, node: NodeProcess, phantom_studies) -> None:
+    _, info, _ = phantom_studies[1]
+    n = len(info["ct_files"]) + len(info["pet_files"])
+    start = time.perf_counter()
+    answer = orthanc.push_to_node([_orthanc_study_id(orthanc, info["study_instance_uid"])])
+    seconds = time.perf_counter() - start
+    assert (answer["InstancesCount"], answer["FailedInstancesCount"]) == (n, 0)
+    spool = Spool(node.spool)
+    assert len(list(spool.study_dir(info["study_instance_uid"]).glob("*.dcm"))) == n
+    assert seconds < 10, f"push of {n} instances took {seconds:.1f} s (TCP_NODELAY missing?)"
+
+
+# -- segmentation round trips (need the Segmenter) -----------------------------------------------------------
+
+_SEG_REASON = _segmenter_unavailable()
+needs_segmenter = pytest.mark.skipif(_SEG_REASON is not None, reason=_SEG_REASON or "")
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    from diffseg.runtime import Segmenter
+
+    return Segmenter(model="default", backend="auto")
+
+
+def _seg_instances(pacs: Orthanc, study_uid: str) -> list[dict]:
+    return pacs.find("Instance", {"StudyInstanceUID": study_uid, "Modality": "SEG"})
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return 2.0 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
+
+
+def _worker_node(pacs: Orthanc, workdir: Path) -> NodeProcess:
+    """A node with the model, sending to Orthanc; registered in Orthanc as modality ``worker``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = NodeProcess(
+        workdir,
+        free_port(),
+        {
+            "destination": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port},
+            "retry_base_seconds": 0.5,
+        },
+        worker=True,
+    )
+    pacs.add_modality("worker", "NODE", proc.port)
+    return proc
+
+
+@needs_segmenter
+def test_seg_comes_back_into_orthanc(netns, orthanc, phantom_studies, segmenter, tmp_path: Path) -> None:
+    from diffseg.runtime.dicom import read_pet_ct, read_seg
+
+    phantom, info, folder = phantom_studies[1]
+    study_uid = info["study_instance_uid"]
+    proc = _worker_node(orthanc, tmp_path / "node").start()
+    try:
+        orthanc.push_to_node([_orthanc_study_id(orthanc, study_uid)], modality="worker")
+        (seg_meta,) = wait_for(lambda: _seg_instances(orthanc, study_uid), 240, "the SEG in Orthanc")
+        seg_path = tmp_path / "seg.dcm"
+        seg_path.write_bytes(orthanc.get(f"/instances/{seg_meta['ID']}/file", raw=True))
+    finally:
+        assert proc.stop() == 0
+    study = read_pet_ct(folder)
+    expected = segmenter.predict(study.ct, study.pet).mask
+    got = read_seg(seg_path, study)
+    assert got.shape == expected.shape
+    assert np.array_equal(got.array.astype(bool), expected.array.astype(bool))  # exact, voxel for voxel
+    (job,) = [j for j in proc.status()["jobs"] if j["study_uid"] == study_uid]
+    assert (
+        pydicom.dcmread(seg_path).SOPInstanceUID == seg_uids(study_uid, job["model_version"]).sop_instance_uid
+    )
+    assert _dice(got.array, phantom.mask.array) >= 0.5
