@@ -267,18 +267,23 @@ def test_duplicate_positions(plain, tmp_path):
         read_pet_ct(folder)
 
 
-def test_tilted_gantry(plain, tmp_path):
+@pytest.mark.parametrize("kind", ["sheared_positions", "tilted_planes"])
+def test_tilted_gantry(plain, tmp_path, kind):
     _, src, _ = plain
     folder = _copy(src, tmp_path / "study")
-    tilt = math.tan(math.radians(15.0))
+    degrees = 8.0  # within SeriesRules' 10° axial tolerance, so the series is selected and then refused
+    angle = math.radians(degrees)
 
-    def shear(ds):
-        x, y, z = (float(v) for v in ds.ImagePositionPatient)
-        ds.ImagePositionPatient = [x, y + tilt * (z + 50.0), z]
-        ds.GantryDetectorTilt = 15.0
+    def tilt(ds):
+        ds.GantryDetectorTilt = degrees
+        if kind == "sheared_positions":  # planes stay axial, each slice shifted in y in proportion to z
+            x, y, z = (float(v) for v in ds.ImagePositionPatient)
+            ds.ImagePositionPatient = [x, y + math.tan(angle) * (z + 50.0), z]
+        else:  # planes tilted about x, positions still stepping along the table (z)
+            ds.ImageOrientationPatient = [1, 0, 0, 0, round(math.cos(angle), 8), round(-math.sin(angle), 8)]
 
-    _edit(sorted((folder / "ct").glob("*.dcm")), shear)
-    with pytest.raises(DicomInputError, match=r"tilted gantry .*about 15\.0°"):
+    _edit(sorted((folder / "ct").glob("*.dcm")), tilt)
+    with pytest.raises(DicomInputError, match=r"CT series .*tilted gantry .*about 8\.0°"):
         read_pet_ct(folder)
 
 
@@ -497,6 +502,22 @@ def test_different_frame_of_reference_is_refused(plain, tmp_path):
         read_pet_ct(folder)
     study = read_pet_ct(folder, PetCtRules(same_frame_of_reference=False))
     assert study.pet.shape[0] > 0
+
+
+def test_pet_of_another_study_is_refused(plain, tmp_path):
+    _, src, _ = plain
+    folder = _copy(src, tmp_path / "study")
+
+    def other_study(ds):
+        ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.99"
+
+    _edit(sorted((folder / "pet").glob("*.dcm")), other_study)
+    with pytest.raises(DicomInputError, match=r"holds 2 studies .*pass one study's folder"):
+        read_pet_ct(folder)
+    with pytest.raises(DicomInputError, match="CT and PET belong to different studies"):
+        read_pet_ct((folder / "ct", folder / "pet"))
+    study = read_pet_ct((folder / "ct", folder / "pet"), PetCtRules(same_study=False))
+    assert study.study_instance_uid != "1.2.826.0.1.3680043.8.498.99"
 
 
 def test_rules_are_checked():
