@@ -13,6 +13,6 @@ for d in runtime export models; do
   ln -s "$PWD/$d" "$site/$d"
 done
 for f in __init__.py __main__.py; do
-  rm -f "$site/$f"; ln -s "$PWD/diffseg/$f" "$site/$f"
+  rm -f "$site/$f"; ln -s "$PWD/src/diffseg/$f" "$site/$f"
 done
 echo "diffseg dev install: $site -> $PWD"
