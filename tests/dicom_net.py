@@ -48,6 +48,8 @@ CLONE_NEWNET = 0x40000000
 #: dcmtk's tools live in /usr/bin; pynetdicom installs console scripts with the same names earlier on PATH.
 DCMTK_DIR = Path("/usr/bin")
 ORTHANC = Path("/usr/sbin/Orthanc")
+#: The CLI, run by the interpreter of the tests (started outside the repository: its diffseg/ would shadow).
+DIFFSEG = [sys.executable, "-c", "from diffseg.runtime.cli import main; raise SystemExit(main())"]
 
 
 def _netns_id() -> str:
@@ -360,7 +362,7 @@ class NodeProcess:
         }
         cfg = self.workdir / "node.json"
         cfg.write_text(json.dumps(config, indent=2))
-        cmd = [sys.executable, "-m", "diffseg", "serve", "--config", str(cfg), "--stop-grace", "5"]
+        cmd = [*DIFFSEG, "serve", "--config", str(cfg), "--stop-grace", "5"]
         if not self.worker:
             cmd.append("--no-worker")
         if self.tmpfs_size is not None:
@@ -403,7 +405,7 @@ class NodeProcess:
 
     def status(self) -> dict:
         """``diffseg serve --status --json`` of the spool, run where the node sees it."""
-        cmd = [sys.executable, "-m", "diffseg", "serve", "--status", "--json", "--spool", str(self.spool)]
+        cmd = [*DIFFSEG, "serve", "--status", "--json", "--spool", str(self.spool)]
         if self.tmpfs_size is not None:
             cmd = ["nsenter", "-t", str(self.process.pid), "-m", *cmd]
         out = subprocess.run(cmd, cwd=self.workdir, capture_output=True, text=True, timeout=60, check=True)

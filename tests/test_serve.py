@@ -270,7 +270,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
 
 
-def _worker_node(pacs: Orthanc, workdir: Path) -> NodeProcess:
+def _worker_node(pacs: Orthanc, workdir: Path, **config) -> NodeProcess:
     """A node with the model, sending to Orthanc; registered in Orthanc as modality ``worker``."""
     workdir.mkdir(parents=True, exist_ok=True)
     proc = NodeProcess(
@@ -279,6 +279,7 @@ def _worker_node(pacs: Orthanc, workdir: Path) -> NodeProcess:
         {
             "destination": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port},
             "retry_base_seconds": 0.5,
+            **config,
         },
         worker=True,
     )
@@ -310,3 +311,59 @@ def test_seg_comes_back_into_orthanc(netns, orthanc, phantom_studies, segmenter,
         pydicom.dcmread(seg_path).SOPInstanceUID == seg_uids(study_uid, job["model_version"]).sop_instance_uid
     )
     assert _dice(got.array, phantom.mask.array) >= 0.5
+
+
+def _job(proc: NodeProcess, study_uid: str) -> dict | None:
+    jobs = [j for j in proc.status()["jobs"] if j["study_uid"] == study_uid]
+    return jobs[0] if jobs else None
+
+
+@needs_segmenter
+def test_sigkill_during_a_job_then_restart_gives_exactly_one_seg(
+    orthanc, phantom_studies, tmp_path: Path
+) -> None:
+    _, info, _ = phantom_studies[2]
+    study_uid = info["study_instance_uid"]
+    proc = _worker_node(orthanc, tmp_path / "node").start()
+    try:
+        orthanc.push_to_node([_orthanc_study_id(orthanc, study_uid)], modality="worker")
+        wait_for(lambda: proc.events("job_running"), 60, "the job to start segmenting")
+        proc.kill()
+        at_kill = _job(proc, study_uid)
+        assert at_kill is not None and at_kill["state"] in ("running", "sending", "done")
+        proc.start()
+        done = wait_for(lambda: (j := _job(proc, study_uid)) and j["state"] == "done" and j, 240, "job done")
+    finally:
+        proc.stop()
+    assert len(_seg_instances(orthanc, study_uid)) == 1
+    sent = [e for run in (1, 2) for e in proc.events("job_done", start=run)]
+    assert len(sent) == (0 if at_kill["state"] == "done" else 1)
+    if at_kill["state"] == "running":
+        assert done["runs"] == 2  # segmentation started again after the restart
+
+
+@needs_segmenter
+def test_send_retries_with_backoff_until_the_pacs_is_back(
+    netns, orthanc, phantom_studies, tmp_path: Path
+) -> None:
+    _, info, _ = phantom_studies[1]
+    study_uid = info["study_instance_uid"]
+    for seg in _seg_instances(orthanc, study_uid):  # a SEG from an earlier test would hide this one
+        orthanc.delete(f"/instances/{seg['ID']}")
+    # idle 5 s: Orthanc (1-3 s to stop) is down before the job starts
+    proc = _worker_node(orthanc, tmp_path / "node", idle_seconds=5.0).start()
+    try:
+        orthanc.push_to_node([_orthanc_study_id(orthanc, study_uid)], modality="worker")
+        orthanc.stop()
+        assert _job(proc, study_uid) is None, "the job started before Orthanc was down"
+        retries = wait_for(
+            lambda: len(proc.events("send_retry")) >= 2 and proc.events("send_retry"), 240, "2 retries"
+        )
+        assert [r["wait_s"] for r in retries[:2]] == [0.5, 1.0]  # retry_base_seconds 0.5, doubling
+        orthanc.start(netns)
+        wait_for(lambda: (j := _job(proc, study_uid)) and j["state"] == "done", 120, "the job to finish")
+    finally:
+        proc.stop()
+        if orthanc.process.poll() is not None:
+            orthanc.start(netns)
+    assert len(_seg_instances(orthanc, study_uid)) == 1

@@ -1,0 +1,186 @@
+"""Soak test of ``diffseg serve``: Orthanc pushes N phantom studies while the node is SIGKILLed K times.
+
+Everything runs in a private network namespace (this script moves its thread into one and brings ``lo`` up;
+Orthanc binds every interface and is never started outside it). Orthanc (Debian package) holds N synthetic
+PET/CT studies; each is pushed to the node with ``POST /modalities/node/store`` (a push that fails because the
+node is down is retried, as a router would). Meanwhile the node is killed with SIGKILL at K random moments and
+restarted. At the end every study must hold exactly one SEG in Orthanc: the script counts SEG instances per
+study through Orthanc's REST API, and the node's ``job_done`` log events (a SEG confirmed by Orthanc) across
+all runs of the node.
+
+Usage (root; apt-get install -y orthanc dcmtk):
+    python benchmarks/serve_soak.py [--studies 20] [--kills 3] [--seed 0] [--model default] [--backend auto]
+
+Writes benchmarks/results/serve_soak.json (``--output`` to change) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from dicom_net import NodeProcess, Orthanc, free_port, netns_unavailable_reason, private_netns, wait_for
+from diffseg.runtime.dicom import write_phantom_dicom
+from diffseg.runtime.phantom import PhantomOptions, make_phantom
+
+RESULTS = Path(__file__).resolve().parent / "results" / "serve_soak.json"
+
+
+def _study_id(pacs: Orthanc, study_uid: str) -> str:
+    (study,) = pacs.find("Study", {"StudyInstanceUID": study_uid})
+    return study["ID"]
+
+
+def _seg_counts(pacs: Orthanc, study_uids: list[str]) -> dict[str, int]:
+    return {
+        uid: len(pacs.find("Instance", {"StudyInstanceUID": uid, "Modality": "SEG"})) for uid in study_uids
+    }
+
+
+def _pusher(pacs: Orthanc, ids: list[str], log: dict, stop: threading.Event) -> None:
+    """Push each study until Orthanc reports every instance sent (the node may be down at any moment)."""
+    for orthanc_id in ids:
+        tries = 0
+        while not stop.is_set():
+            tries += 1
+            try:
+                answer = pacs.push_to_node([orthanc_id])
+                if answer.get("FailedInstancesCount", 1) == 0:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(1.0)
+        log["push_tries"][orthanc_id] = tries
+    log["pushes_finished_at"] = time.monotonic()
+
+
+def run(args: argparse.Namespace) -> dict:
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="diffseg-soak-"))
+    host_ns = os.readlink("/proc/thread-self/ns/net")
+    t_setup = time.perf_counter()
+    studies: dict[str, Path] = {}
+    for seed in range(1, args.studies + 1):
+        phantom = make_phantom(seed, PhantomOptions(ct_size_xy=args.ct_size, ct_slices=args.ct_slices))
+        info = write_phantom_dicom(phantom, work / "studies" / f"seed{seed}")
+        studies[info["study_instance_uid"]] = work / "studies" / f"seed{seed}"
+    with private_netns():
+        node = NodeProcess(
+            work / "node",
+            free_port(),
+            {"idle_seconds": args.idle_seconds, "model": args.model, "backend": args.backend},
+            worker=True,
+        )
+        pacs = Orthanc(work / "orthanc", node_aet="NODE", node_port=node.port).start(host_ns)
+        node.config["destination"] = {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
+        node.config["retry_base_seconds"] = 0.5
+        try:
+            for folder in studies.values():
+                for path in sorted(folder.rglob("*.dcm")):
+                    pacs.upload(path)
+            ids = [_study_id(pacs, uid) for uid in studies]
+            setup_s = time.perf_counter() - t_setup
+            node.start()
+            start = time.monotonic()
+            log: dict = {"push_tries": {}, "pushes_finished_at": None}
+            stop = threading.Event()
+            pusher = threading.Thread(target=_pusher, args=(pacs, ids, log, stop), daemon=True)
+            pusher.start()
+            kills = []
+            for _ in range(args.kills):
+                time.sleep(rng.uniform(args.kill_min_s, args.kill_max_s))
+                node.kill()
+                state = node.status()["summary"]
+                kills.append({"at_s": round(time.monotonic() - start, 2), "queue_at_kill": state})
+                time.sleep(rng.uniform(0.0, 1.0))
+                node.start()
+            pusher.join(args.timeout)
+            uids = list(studies)
+
+            def all_done():
+                summary = node.status()["summary"]
+                return summary["done"] + summary["failed"] >= len(uids) and summary
+
+            final = wait_for(all_done, args.timeout, "every job done or failed", interval=1.0)
+            elapsed = time.monotonic() - start
+            segs = _seg_counts(pacs, uids)
+            jobs = node.status()["jobs"]
+            confirmations: dict[str, int] = {}
+            for run_no in range(1, node.starts + 1):
+                for event in node.events("job_done", start=run_no):
+                    confirmations[event["study_uid"]] = confirmations.get(event["study_uid"], 0) + 1
+        finally:
+            stop_rc = node.stop()
+            pacs.stop()
+    lost = sorted(uid for uid, n in segs.items() if n == 0)
+    duplicated = sum(max(0, n - 1) for n in segs.values())
+    return {
+        "command": "python benchmarks/serve_soak.py " + " ".join(sys.argv[1:]),
+        "studies": len(studies),
+        "expected_segs": len(studies),
+        "segs_in_orthanc": sum(segs.values()),
+        "lost": len(lost),
+        "duplicated": duplicated,
+        "lost_studies": lost,
+        "kills": kills,
+        "jobs": final,
+        "jobs_resegmented_after_kill": sum(1 for j in jobs if j["runs"] > 1),
+        "seg_sends_confirmed_per_study": sorted(set(confirmations.values())),
+        "studies_confirmed_more_than_once": sum(1 for n in confirmations.values() if n > 1),
+        "push_tries_total": sum(log["push_tries"].values()),
+        "failed_jobs": [
+            {"study_uid": j["study_uid"], "reason": j["reason"]} for j in jobs if j["state"] == "failed"
+        ],
+        "wall_s": round(elapsed, 1),
+        "setup_s": round(setup_s, 1),
+        "node_exit_code": stop_rc,
+        "phantom": {"ct_size_xy": args.ct_size, "ct_slices": args.ct_slices},
+        "node": {"idle_seconds": args.idle_seconds, "model": args.model, "backend": args.backend},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "seed": args.seed,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--studies", type=int, default=20)
+    parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    parser.add_argument("--kill-min-s", type=float, default=3.0, help="shortest time between kills")
+    parser.add_argument("--kill-max-s", type=float, default=15.0, help="longest time between kills")
+    parser.add_argument("--ct-size", type=int, default=64)
+    parser.add_argument("--ct-slices", type=int, default=16)
+    parser.add_argument("--idle-seconds", type=float, default=1.0)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    reason = netns_unavailable_reason()
+    if reason is not None:
+        print(f"serve_soak: cannot run: {reason}", file=sys.stderr)
+        return 2
+    result = run(args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0 if result["lost"] == 0 and result["duplicated"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
