@@ -343,7 +343,7 @@ def test_sigkill_during_a_job_then_restart_gives_exactly_one_seg(
 
 
 @needs_segmenter
-def test_send_retries_with_backoff_until_the_pacs_is_back(
+def test_send_retries_with_backoff_and_survives_a_kill_until_the_pacs_is_back(
     netns, orthanc, phantom_studies, tmp_path: Path
 ) -> None:
     _, info, _ = phantom_studies[1]
@@ -360,10 +360,18 @@ def test_send_retries_with_backoff_until_the_pacs_is_back(
             lambda: len(proc.events("send_retry")) >= 2 and proc.events("send_retry"), 240, "2 retries"
         )
         assert [r["wait_s"] for r in retries[:2]] == [0.5, 1.0]  # retry_base_seconds 0.5, doubling
+        # killed while sending: the restarted node sends the SEG it wrote, without segmenting again
+        proc.kill()
+        at_kill = _job(proc, study_uid)
+        assert at_kill["state"] == "sending" and at_kill["send_attempts"] >= 2
+        proc.start()
+        wait_for(lambda: proc.events("send_retry"), 30, "a retry after the restart")
         orthanc.start(netns)
-        wait_for(lambda: (j := _job(proc, study_uid)) and j["state"] == "done", 120, "the job to finish")
+        done = wait_for(lambda: (j := _job(proc, study_uid)) and j["state"] == "done" and j, 120, "job done")
     finally:
         proc.stop()
         if orthanc.process.poll() is not None:
             orthanc.start(netns)
+    assert done["runs"] == 1 and done["send_attempts"] > at_kill["send_attempts"]
+    assert done["seg_sop_instance_uid"] == at_kill["seg_sop_instance_uid"]
     assert len(_seg_instances(orthanc, study_uid)) == 1
