@@ -1,0 +1,204 @@
+"""Build a model package from a trained denoiser: ONNX fp32 + fp16, graph checks, parity, manifest with sha256.
+
+The package is assembled in a temporary folder beside the target and renamed into place only when every check
+passed, so a failed export never leaves a half-written package.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffseg.runtime.manifest import SCHEMA_VERSION, load_package, parse_manifest, sha256_of
+
+from diffseg import __version__
+
+from .onnx_export import ExportError, ParityResult, check_graph, convert_fp16, export_fp32, parity
+
+__all__ = ["DEFAULT_SAMPLING", "build_package", "parity_inputs"]
+
+logger = logging.getLogger("diffseg.export")
+
+FP32_LIMIT = 1e-4
+FP16_LIMIT = 1e-2
+
+DEFAULT_SAMPLING = {
+    "sampler": "ddim",
+    "steps": 10,
+    "eta": 0.0,
+    "timestep_spacing": "linspace",
+    "eps_convention": "recompute",
+    "samples": 5,
+    "overlap": 0.25,
+    "threshold": 0.5,
+    "min_lesion_ml": 0.1,
+    "candidate": {"modality": "PT", "min_value": 1.5},
+    "seed": 0,
+}
+
+
+def parity_inputs(
+    in_channels: int,
+    patch: Sequence[int],
+    num_train_timesteps: int,
+    patches: Sequence[np.ndarray] = (),
+    seed: int = 0,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Fresh random inputs at t = 0, T/2, T−1, plus real image patches (``[C_img, *patch]``) with noisy masks."""
+    rng = np.random.default_rng(seed)
+    T = num_train_timesteps
+    ts = np.array([0, T // 2, T - 1], dtype=np.float32)
+    out = [(rng.standard_normal((3, in_channels, *patch), dtype=np.float32), ts)]
+    for img in patches:
+        noisy = rng.standard_normal((3, 1, *patch), dtype=np.float32)
+        x = np.concatenate([np.repeat(img[None], 3, axis=0), noisy], axis=1).astype(np.float32)
+        out.append((x, ts))
+    return out
+
+
+def _engine_entry(
+    path: Path, precision: str, opset: int, in_channels: int, patch: Sequence[int], out_channels: int
+) -> dict[str, Any]:
+    return {
+        "path": path.name,
+        "precision": precision,
+        "opset": opset,
+        "inputs": {"x": ["batch", in_channels, *patch], "t": ["batch"]},
+        "input_dtypes": {"x": "float32", "t": "float32"},
+        "outputs": {"y": ["batch", out_channels, *patch]},
+        "sha256": sha256_of(path),
+    }
+
+
+def build_package(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    *,
+    name: str,
+    modalities: Sequence[Mapping[str, Any]],
+    spacing_mm: float,
+    patch_size: Sequence[int],
+    channel_order: str,
+    diffusion: Mapping[str, Any],
+    architecture: Mapping[str, Any],
+    defaults: Mapping[str, Any] | None = None,
+    patches: Sequence[np.ndarray] = (),
+    validation: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    opset: int = 18,
+    overwrite: bool = False,
+) -> Path:
+    """Export ``model`` into a model package at ``out_dir``.
+
+    Args:
+        model: a denoiser ``f(x, t)`` (ours, MONAI's, or any module with that contract).
+        modalities: ``[{"code": "PT", "unit": ..., "normalisation": {"clip": [lo, hi], "offset": o, "scale": s}}, …]``
+            in channel order.
+        diffusion: ``num_train_timesteps``, ``beta_schedule`` (+ ``beta_start``/``beta_end``), ``prediction_type``,
+            ``output_channels``, ``prediction_channel``, ``clip_sample``, ``clip_range``.
+        patches: real image patches ``[C_img, *patch]`` for the parity check, besides random inputs.
+        validation: accuracy figures measured elsewhere (kept in the manifest next to the parity report).
+
+    Raises:
+        ExportError: a graph check or a parity check failed; the message names the engine and the error.
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir}: already exists (pass overwrite=True / --overwrite)")
+    patch = tuple(int(p) for p in patch_size)
+    in_channels = len(modalities) + 1
+    out_channels = int(diffusion["output_channels"])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        fp32 = export_fp32(model, in_channels, patch, staging / "denoiser.onnx", opset)
+        check_graph(fp32, in_channels, patch)
+        fp16 = convert_fp16(fp32, staging / "denoiser.fp16.onnx")
+        check_graph(fp16, in_channels, patch)
+        inputs = parity_inputs(in_channels, patch, int(diffusion["num_train_timesteps"]), patches)
+        results: list[ParityResult] = [
+            parity("onnx_fp32_vs_torch_fp32", model, fp32, inputs, FP32_LIMIT),
+            parity("onnx_fp16_vs_torch_fp32", model, fp16, inputs, FP16_LIMIT),
+        ]
+        for r in results:
+            logger.info(
+                "parity %s: rel %.2e (limit %.0e), max abs %.2e, finite %s",
+                r.name,
+                r.rel_error,
+                r.limit,
+                r.max_abs_error,
+                r.finite,
+            )
+        failed = [r for r in results if not r.passed]
+        if failed:
+            raise ExportError(
+                "; ".join(
+                    f"{r.name}: output y relative error {r.rel_error:.3e} over limit {r.limit:.0e}"
+                    + ("" if r.finite else " and non-finite values (NaN/Inf)")
+                    for r in failed
+                )
+                + " — package not written"
+            )
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "name": name,
+            "version": str((provenance or {}).get("model_version", "1")),
+            "modalities": [dict(m) for m in modalities],
+            "spacing_mm": float(spacing_mm),
+            "patch_size": list(patch),
+            "channel_order": channel_order,
+            "diffusion": dict(diffusion),
+            "defaults": {**DEFAULT_SAMPLING, **(defaults or {})},
+            "architecture": dict(architecture),
+            "files": {
+                "fp32": _engine_entry(fp32, "fp32", opset, in_channels, patch, out_channels),
+                "fp16": _engine_entry(fp16, "fp16", opset, in_channels, patch, out_channels),
+            },
+            "validation": {"parity": {r.name: r.as_dict() for r in results}, **(validation or {})},
+            "provenance": {
+                "exported_by": f"diffseg {__version__}",
+                "torch": torch.__version__,
+                **(provenance or {}),
+            },
+        }
+        parse_manifest(manifest, "manifest")  # the runtime must accept what we write
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        load_package(staging)  # re-read and verify sha256 as the runtime will
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; a package is meant to be shared
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def modalities_from_config(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's modality list from a training config."""
+    out = []
+    for code in cfg["modalities"]:
+        norm = dict(cfg["normalisation"][code])
+        unit = norm.pop("unit", "SUVbw" if code == "PT" else "HU")
+        out.append({"code": code, "unit": unit, "normalisation": norm})
+    return out
+
+
+def diffusion_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    d = dict(cfg["diffusion"])
+    out_ch = int(cfg["model"].get("out_channels", 1))
+    d.setdefault("output_channels", out_ch)
+    d.setdefault("prediction_channel", 0)
+    d.setdefault("clip_sample", True)
+    d.setdefault("clip_range", 1.0)
+    d.setdefault("set_alpha_to_one", True)
+    return d

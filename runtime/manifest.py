@@ -1,0 +1,250 @@
+"""The model package: ``manifest.json`` (schema 1) plus its engine files, checked on load.
+
+A package is a folder or a ``.zip`` of one, or the name of a package shipped under ``diffseg/models`` (``default``).
+Every file listed in the manifest is checked against its sha256 before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .preprocess import Normalisation
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "EngineFile",
+    "Manifest",
+    "ManifestError",
+    "ModelPackage",
+    "load_package",
+    "sha256_of",
+    "shipped_models",
+]
+
+SCHEMA_VERSION = 1
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2")
+CHANNEL_ORDERS = ("image-first", "noisy-first")
+
+
+class ManifestError(ValueError):
+    """A model package is malformed; the message names the package, the field and the problem."""
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class EngineFile:
+    """One engine file of the package (an ONNX graph at a precision)."""
+
+    key: str
+    path: Path
+    precision: str
+    opset: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The validated contents of ``manifest.json`` (``raw`` keeps the whole document)."""
+
+    name: str
+    version: str
+    modalities: tuple[str, ...]
+    normalisation: Mapping[str, Normalisation]
+    spacing_mm: float
+    patch_size: tuple[int, int, int]
+    channel_order: str
+    diffusion: Mapping[str, Any]
+    defaults: Mapping[str, Any]
+    raw: Mapping[str, Any]
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.modalities) + 1
+
+    @property
+    def output_channels(self) -> int:
+        return int(self.diffusion["output_channels"])
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    root: Path
+    manifest: Manifest
+    files: Mapping[str, EngineFile]
+
+    def engine(self, precision: str) -> EngineFile:
+        for f in self.files.values():
+            if f.precision == precision:
+                return f
+        have = sorted(f.precision for f in self.files.values())
+        raise ManifestError(f"{self.root}: no engine file at precision {precision!r}; the package has {have}")
+
+
+def _need(doc: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in doc:
+        raise ManifestError(f"{where}: missing field {key!r}")
+    value = doc[key]
+    if not isinstance(value, kind) or (
+        kind is not bool
+        and isinstance(value, bool)
+        and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    ):
+        raise ManifestError(f"{where}: field {key!r} must be {kind}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def parse_manifest(doc: Mapping[str, Any], where: str) -> Manifest:
+    """Validate a manifest document; each bad field raises ``ManifestError`` naming it."""
+    version = _need(doc, "schema_version", where, int)
+    if version != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{where}: schema_version {version} is not supported (this runtime reads {SCHEMA_VERSION})"
+        )
+    modalities_doc = _need(doc, "modalities", where, list)
+    if not modalities_doc:
+        raise ManifestError(f"{where}: field 'modalities' must list at least one modality")
+    modalities, norms = [], {}
+    for i, entry in enumerate(modalities_doc):
+        w = f"{where}: modalities[{i}]"
+        code = _need(entry, "code", w, str)
+        if code not in ("CT", "PT"):
+            raise ManifestError(f"{w}: code must be CT or PT, got {code!r}")
+        try:
+            norms[code] = Normalisation.from_manifest(_need(entry, "normalisation", w, dict), code)
+        except ValueError as exc:
+            raise ManifestError(f"{w}: {exc}") from None
+        modalities.append(code)
+    spacing = float(_need(doc, "spacing_mm", where, (int, float)))
+    if spacing <= 0:
+        raise ManifestError(f"{where}: spacing_mm must be > 0, got {spacing}")
+    patch = _need(doc, "patch_size", where, list)
+    if len(patch) != 3 or not all(isinstance(p, int) and p > 0 for p in patch):
+        raise ManifestError(f"{where}: patch_size must be three positive integers, got {patch}")
+    order = _need(doc, "channel_order", where, str)
+    if order not in CHANNEL_ORDERS:
+        raise ManifestError(f"{where}: channel_order must be one of {CHANNEL_ORDERS}, got {order!r}")
+    diff = _need(doc, "diffusion", where, dict)
+    w = f"{where}: diffusion"
+    if _need(diff, "prediction_type", w, str) not in PREDICTION_TYPES:
+        raise ManifestError(
+            f"{w}: prediction_type must be one of {PREDICTION_TYPES}, got {diff['prediction_type']!r}"
+        )
+    if _need(diff, "beta_schedule", w, str) not in BETA_SCHEDULES:
+        raise ManifestError(
+            f"{w}: beta_schedule must be one of {BETA_SCHEDULES}, got {diff['beta_schedule']!r}"
+        )
+    if _need(diff, "num_train_timesteps", w, int) < 2:
+        raise ManifestError(f"{w}: num_train_timesteps must be >= 2, got {diff['num_train_timesteps']}")
+    out_ch = _need(diff, "output_channels", w, int)
+    if out_ch not in (1, 2) or _need(diff, "prediction_channel", w, int) not in range(out_ch):
+        raise ManifestError(
+            f"{w}: output_channels must be 1 or 2 and prediction_channel one of them, got "
+            f"{out_ch} and {diff.get('prediction_channel')}"
+        )
+    defaults = _need(doc, "defaults", where, dict)
+    for key in ("sampler", "steps", "samples", "overlap", "threshold", "min_lesion_ml"):
+        _need(defaults, key, f"{where}: defaults", (str, int, float))
+    _need(doc, "files", where, dict)
+    return Manifest(
+        name=_need(doc, "name", where, str),
+        version=str(_need(doc, "version", where, str)),
+        modalities=tuple(modalities),
+        normalisation=norms,
+        spacing_mm=spacing,
+        patch_size=tuple(patch),
+        channel_order=order,
+        diffusion=diff,
+        defaults=defaults,
+        raw=dict(doc),
+    )  # type: ignore[arg-type]
+
+
+def shipped_models() -> dict[str, Path]:
+    """Packages shipped with diffseg, by name."""
+    root = Path(__file__).resolve().parent.parent / "models"
+    return (
+        {p.name: p for p in sorted(root.iterdir()) if (p / "manifest.json").is_file()}
+        if root.is_dir()
+        else {}
+    )
+
+
+_EXTRACTED: dict[Path, tempfile.TemporaryDirectory] = {}
+
+
+def _resolve(model: str | Path) -> Path:
+    path = Path(model)
+    if not path.exists():
+        shipped = shipped_models()
+        if str(model) in shipped:
+            return shipped[str(model)]
+        raise FileNotFoundError(
+            f"{model}: no such model package (folder or .zip); shipped models: {sorted(shipped) or 'none'}"
+        )
+    if path.is_file() and path.suffix == ".zip":
+        if path not in _EXTRACTED:
+            tmp = tempfile.TemporaryDirectory(prefix="diffseg-model-")
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():  # never write outside the extraction folder
+                    target = (Path(tmp.name) / info.filename).resolve()
+                    if not str(target).startswith(str(Path(tmp.name).resolve())):
+                        raise ManifestError(f"{path}: member {info.filename!r} points outside the package")
+                zf.extractall(tmp.name)
+            _EXTRACTED[path] = tmp
+        root = Path(_EXTRACTED[path].name)
+        inner = [p.parent for p in root.rglob("manifest.json")]
+        if len(inner) != 1:
+            raise ManifestError(f"{path}: the zip must hold exactly one manifest.json, found {len(inner)}")
+        return inner[0]
+    return path
+
+
+def load_package(model: str | Path, verify: bool = True) -> ModelPackage:
+    """Load and validate a model package (a folder, a .zip, or a shipped name such as ``default``).
+
+    Raises:
+        FileNotFoundError: no such package or a listed file is missing.
+        ManifestError: the manifest is malformed or a file's sha256 does not match.
+    """
+    root = _resolve(model)
+    mpath = root / "manifest.json"
+    if not mpath.is_file():
+        raise FileNotFoundError(f"{root}: no manifest.json (is this a model package?)")
+    try:
+        doc = json.loads(mpath.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{mpath}: not valid JSON ({exc})") from None
+    manifest = parse_manifest(doc, str(mpath))
+    files = {}
+    for key, entry in manifest.raw["files"].items():
+        w = f"{mpath}: files.{key}"
+        rel = _need(entry, "path", w, str)
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ManifestError(f"{w}: path must stay inside the package, got {rel!r}")
+        fpath = root / rel
+        if not fpath.is_file():
+            raise FileNotFoundError(f"{w}: file {fpath} is missing")
+        digest = _need(entry, "sha256", w, str)
+        if verify and sha256_of(fpath) != digest:
+            raise ManifestError(
+                f"{w}: sha256 of {fpath.name} does not match the manifest (file altered or corrupt)"
+            )
+        files[key] = EngineFile(
+            key, fpath, _need(entry, "precision", w, str), int(_need(entry, "opset", w, int)), digest
+        )
+    return ModelPackage(root, manifest, files)
