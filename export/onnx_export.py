@@ -77,9 +77,7 @@ def check_graph(path: Path, in_channels: int, patch: tuple[int, int, int]) -> on
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     bad = sorted({n.op_type for n in inferred.graph.node} & FORBIDDEN_OPS)
     if bad:
-        raise ExportError(
-            f"{path.name}: graph holds {bad}; export at opset 18–20 so that they are decomposed"
-        )
+        raise ExportError(f"{path.name}: graph holds {bad}; export at opset 18–20 so that they are decomposed")
     inputs = {i.name: i for i in inferred.graph.input}
     if set(inputs) != {"x", "t"}:
         raise ExportError(f"{path.name}: inputs must be x and t, got {sorted(inputs)}")
@@ -90,8 +88,7 @@ def check_graph(path: Path, in_channels: int, patch: tuple[int, int, int]) -> on
     tx, tt = inputs["x"], inputs["t"]
     if tt.type.tensor_type.elem_type != onnx.TensorProto.FLOAT or len(dims(tt)) != 1:
         raise ExportError(
-            f"{path.name}: t must be float32 [B], got elem_type {tt.type.tensor_type.elem_type} "
-            f"dims {dims(tt)}"
+            f"{path.name}: t must be float32 [B], got elem_type {tt.type.tensor_type.elem_type} dims {dims(tt)}"
         )
     if dims(tx)[1:] != [in_channels, *patch] or not isinstance(dims(tx)[0], str):
         raise ExportError(
@@ -170,9 +167,7 @@ def parity(
     """Compare an ONNX file (onnxruntime CPU) with the torch model on the given (x, t) inputs."""
     import onnxruntime as ort
 
-    sess = (session_factory or (lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])))(
-        onnx_path
-    )
+    sess = (session_factory or (lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])))(onnx_path)
     worst_rel, worst_abs, finite = 0.0, 0.0, True
     model = model.eval()
     for x, t in inputs:

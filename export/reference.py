@@ -48,7 +48,7 @@ def ddim_pairs(num_train_timesteps: int, steps: int, spacing: str) -> list[tuple
     """(t, t_prev) pairs; t_prev = −1 means ᾱ = 1 (the final step returns x0)."""
     T = num_train_timesteps
     if spacing == "linspace":
-        ts = [int(round(v)) for v in np.linspace(T - 1, 0, steps)]
+        ts = [round(v) for v in np.linspace(T - 1, 0, steps)]
     elif spacing == "leading":
         ts = [i * (T // steps) for i in reversed(range(steps))]
     else:

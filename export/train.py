@@ -156,12 +156,8 @@ def train(
     train_seeds = split_seeds("train", tc["cases"])
     cases = build_cases(train_seeds, cfg, workers)
     val_cases = build_cases(split_seeds("validation", tc.get("val_cases", 4)), cfg, workers)
-    logger.info(
-        "built %d training and %d validation cases in %.0f s", len(cases), len(val_cases), time.time() - t0
-    )
-    sampler = PatchSampler(
-        cases, cfg["patch_size"], rng, foreground_fraction=tc.get("foreground_fraction", 0.5)
-    )
+    logger.info("built %d training and %d validation cases in %.0f s", len(cases), len(val_cases), time.time() - t0)
+    sampler = PatchSampler(cases, cfg["patch_size"], rng, foreground_fraction=tc.get("foreground_fraction", 0.5))
     abar = torch.from_numpy(
         alphas_cumprod(
             dcfg["num_train_timesteps"],
@@ -189,14 +185,10 @@ def train(
         noise = torch.randn_like(x0)
         t = torch.randint(0, T, (x0.shape[0],), device=device)
         xt = q_sample(x0, t, noise, abar)
-        inp = torch.cat(
-            [img_t, xt] if cfg.get("channel_order", "image-first") == "image-first" else [xt, img_t], 1
-        )
+        inp = torch.cat([img_t, xt] if cfg.get("channel_order", "image-first") == "image-first" else [xt, img_t], 1)
         with autocast:
             pred = model(inp, t.float())
-        loss = _loss(
-            pred.float(), target_for(dcfg["prediction_type"], x0, noise, t, abar), x0, dcfg["prediction_type"]
-        )
+        loss = _loss(pred.float(), target_for(dcfg["prediction_type"], x0, noise, t, abar), x0, dcfg["prediction_type"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -246,17 +238,13 @@ def train(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffseg.export.train", description=__doc__)
     parser.add_argument("--config", required=True, help="training config (JSON)")
-    parser.add_argument(
-        "-o", "--output", required=True, type=Path, help="run folder (checkpoints, train.log)"
-    )
+    parser.add_argument("-o", "--output", required=True, type=Path, help="run folder (checkpoints, train.log)")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--iterations", type=int, default=None, help="override the config's iteration count")
     parser.add_argument("--cases", type=int, default=None, help="override the config's training case count")
     parser.add_argument("--workers", type=int, default=None, help="processes that build phantoms")
-    parser.add_argument(
-        "--time-limit-min", type=float, default=None, help="stop (after saving) after this long"
-    )
+    parser.add_argument("--time-limit-min", type=float, default=None, help="stop (after saving) after this long")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = load_config(args.config)

@@ -48,9 +48,7 @@ class UNetConfig:
             raise ValueError(f"out_channels must be 1 or 2 (learned sigma), got {self.out_channels}")
         for m in self.channel_mult:
             if (self.base_channels * m) % self.groups:
-                raise ValueError(
-                    f"groups={self.groups} must divide every width, got {self.base_channels * m}"
-                )
+                raise ValueError(f"groups={self.groups} must divide every width, got {self.base_channels * m}")
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
 
@@ -123,9 +121,7 @@ class DiffusionUNet3D(nn.Module):
         c0 = config.base_channels
         widths = [c0 * m for m in config.channel_mult]
         self.time_dim = c0 * 4
-        self.time_mlp = nn.Sequential(
-            nn.Linear(c0, self.time_dim), nn.SiLU(), nn.Linear(self.time_dim, self.time_dim)
-        )
+        self.time_mlp = nn.Sequential(nn.Linear(c0, self.time_dim), nn.SiLU(), nn.Linear(self.time_dim, self.time_dim))
         self.stem = nn.Conv3d(config.in_channels, c0, 3, padding=1)
 
         g, d = config.groups, config.dropout

@@ -100,9 +100,7 @@ def _need(doc: Mapping[str, Any], key: str, where: str, kind: type | tuple[type,
         raise ManifestError(f"{where}: missing field {key!r}")
     value = doc[key]
     if not isinstance(value, kind) or (
-        kind is not bool
-        and isinstance(value, bool)
-        and bool not in (kind if isinstance(kind, tuple) else (kind,))
+        kind is not bool and isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
     ):
         raise ManifestError(f"{where}: field {key!r} must be {kind}, got {type(value).__name__} {value!r}")
     return value
@@ -112,9 +110,7 @@ def parse_manifest(doc: Mapping[str, Any], where: str) -> Manifest:
     """Validate a manifest document; each bad field raises ``ManifestError`` naming it."""
     version = _need(doc, "schema_version", where, int)
     if version != SCHEMA_VERSION:
-        raise ManifestError(
-            f"{where}: schema_version {version} is not supported (this runtime reads {SCHEMA_VERSION})"
-        )
+        raise ManifestError(f"{where}: schema_version {version} is not supported (this runtime reads {SCHEMA_VERSION})")
     modalities_doc = _need(doc, "modalities", where, list)
     if not modalities_doc:
         raise ManifestError(f"{where}: field 'modalities' must list at least one modality")
@@ -141,13 +137,9 @@ def parse_manifest(doc: Mapping[str, Any], where: str) -> Manifest:
     diff = _need(doc, "diffusion", where, dict)
     w = f"{where}: diffusion"
     if _need(diff, "prediction_type", w, str) not in PREDICTION_TYPES:
-        raise ManifestError(
-            f"{w}: prediction_type must be one of {PREDICTION_TYPES}, got {diff['prediction_type']!r}"
-        )
+        raise ManifestError(f"{w}: prediction_type must be one of {PREDICTION_TYPES}, got {diff['prediction_type']!r}")
     if _need(diff, "beta_schedule", w, str) not in BETA_SCHEDULES:
-        raise ManifestError(
-            f"{w}: beta_schedule must be one of {BETA_SCHEDULES}, got {diff['beta_schedule']!r}"
-        )
+        raise ManifestError(f"{w}: beta_schedule must be one of {BETA_SCHEDULES}, got {diff['beta_schedule']!r}")
     if _need(diff, "num_train_timesteps", w, int) < 2:
         raise ManifestError(f"{w}: num_train_timesteps must be >= 2, got {diff['num_train_timesteps']}")
     out_ch = _need(diff, "output_channels", w, int)
@@ -177,11 +169,7 @@ def parse_manifest(doc: Mapping[str, Any], where: str) -> Manifest:
 def shipped_models() -> dict[str, Path]:
     """Packages shipped with diffseg, by name."""
     root = Path(__file__).resolve().parent.parent / "models"
-    return (
-        {p.name: p for p in sorted(root.iterdir()) if (p / "manifest.json").is_file()}
-        if root.is_dir()
-        else {}
-    )
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "manifest.json").is_file()} if root.is_dir() else {}
 
 
 _EXTRACTED: dict[Path, tempfile.TemporaryDirectory] = {}
@@ -241,9 +229,7 @@ def load_package(model: str | Path, verify: bool = True) -> ModelPackage:
             raise FileNotFoundError(f"{w}: file {fpath} is missing")
         digest = _need(entry, "sha256", w, str)
         if verify and sha256_of(fpath) != digest:
-            raise ManifestError(
-                f"{w}: sha256 of {fpath.name} does not match the manifest (file altered or corrupt)"
-            )
+            raise ManifestError(f"{w}: sha256 of {fpath.name} does not match the manifest (file altered or corrupt)")
         files[key] = EngineFile(
             key, fpath, _need(entry, "precision", w, str), int(_need(entry, "opset", w, int)), digest
         )

@@ -68,9 +68,7 @@ class Normalisation:
             low, high = (float(v) for v in entry["clip"])  # type: ignore[union-attr]
             norm = cls(low, high, float(entry["offset"]), float(entry["scale"]))  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(
-                f"normalisation of {modality} needs clip [low, high], offset, scale; got {entry}"
-            ) from exc
+            raise ValueError(f"normalisation of {modality} needs clip [low, high], offset, scale; got {entry}") from exc
         if not low < high or norm.scale == 0:
             raise ValueError(f"normalisation of {modality}: need low < high and scale != 0, got {entry}")
         return norm
@@ -90,9 +88,7 @@ def model_grid_for(ct: Volume, spacing_mm: float) -> GridSpec:
     if spacing_mm <= 0:
         raise ValueError(f"spacing_mm must be > 0, got {spacing_mm}")
     x, y, z = ct.size_xyz
-    corners = np.array(
-        [[i, j, k] for i in (0, x - 1) for j in (0, y - 1) for k in (0, z - 1)], dtype=np.float64
-    )
+    corners = np.array([[i, j, k] for i in (0, x - 1) for j in (0, y - 1) for k in (0, z - 1)], dtype=np.float64)
     pts = ct.index_to_physical(corners)
     lo, hi = pts.min(axis=0), pts.max(axis=0)
     size = tuple(int(np.floor((hi[a] - lo[a]) / spacing_mm + 1e-6)) + 1 for a in range(3))

@@ -14,16 +14,10 @@ Needs: pip install "diffseg[export]"."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint", required=True, type=Path, help="checkpoint (.pt, loaded weights_only)"
-    )
-    parser.add_argument(
-        "--config", required=True, type=Path, help="training config (JSON) of that checkpoint"
-    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint (.pt, loaded weights_only)")
+    parser.add_argument("--config", required=True, type=Path, help="training config (JSON) of that checkpoint")
     parser.add_argument("-o", "--output", required=True, type=Path, help="model package folder to write")
-    parser.add_argument(
-        "--validation", type=Path, help="JSON with accuracy figures to record in the manifest"
-    )
+    parser.add_argument("--validation", type=Path, help="JSON with accuracy figures to record in the manifest")
     parser.add_argument(
         "--parity-phantoms",
         type=int,
@@ -49,8 +43,6 @@ def run(args: argparse.Namespace) -> int:
     )
     manifest = json.loads((out / "manifest.json").read_text())
     for name, r in manifest["validation"]["parity"].items():
-        print(
-            f"{name}: rel. error {r['rel_error']:.2e} (limit {r['limit']:.0e}) {'ok' if r['passed'] else 'FAIL'}"
-        )
+        print(f"{name}: rel. error {r['rel_error']:.2e} (limit {r['limit']:.0e}) {'ok' if r['passed'] else 'FAIL'}")
     print(f"model package written: {out}")
     return 0
