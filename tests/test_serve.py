@@ -130,6 +130,10 @@ def test_storescu_study_reaches_the_spool_before_success(node: NodeProcess, tmp_
         spool.instance_path(study_uid, pydicom.dcmread(p).SOPInstanceUID).name for p in files
     )
     assert _temporaries(node.spool) == []
+    released = wait_for(
+        lambda: [e for e in node.events("association_released") if e["stored"] == len(files)], 5, "the tally"
+    )
+    assert (released[-1]["refused"], released[-1]["failed"]) == (0, 0)
 
     def queued():
         jobs = [j for j in node.status()["jobs"] if j["study_uid"] == study_uid]
@@ -139,9 +143,7 @@ def test_storescu_study_reaches_the_spool_before_success(node: NodeProcess, tmp_
     assert job["instances"] == len(files)
 
 
-def test_damaged_uploads_get_a_failure_status_and_the_node_keeps_running(
-    node: NodeProcess, tmp_path: Path
-) -> None:
+def test_damaged_uploads_get_a_failure_status_and_the_node_keeps_running(node: NodeProcess, tmp_path: Path) -> None:
     good, spare = tiny_study(tmp_path / "study", n_ct=2, n_pt=0)
     # (1) structurally valid for dcmtk but with half its pixel data: storescu sends it
     ds = pydicom.dcmread(good)
@@ -162,9 +164,7 @@ def test_damaged_uploads_get_a_failure_status_and_the_node_keeps_running(
     junk.write_bytes(raw[:offset] + b"this is not a DICOM data set " * 40)
     assert send_raw(truncated, node.port) == 0xC000
     assert send_raw(junk, node.port) == 0xC000
-    refused = wait_for(
-        lambda: len(node.events("store_refused")) >= 3 and node.events("store_refused"), 5, "logs"
-    )
+    refused = wait_for(lambda: len(node.events("store_refused")) >= 3 and node.events("store_refused"), 5, "logs")
     reasons = [r["reason"] for r in refused]
     assert any("pixel data truncated: 256 bytes, expected 512" in r for r in reasons)
     assert any("pixel data truncated: 312 bytes, expected 512" in r for r in reasons)
@@ -307,9 +307,7 @@ def test_seg_comes_back_into_orthanc(netns, orthanc, phantom_studies, segmenter,
     assert got.shape == expected.shape
     assert np.array_equal(got.array.astype(bool), expected.array.astype(bool))  # exact, voxel for voxel
     (job,) = [j for j in proc.status()["jobs"] if j["study_uid"] == study_uid]
-    assert (
-        pydicom.dcmread(seg_path).SOPInstanceUID == seg_uids(study_uid, job["model_version"]).sop_instance_uid
-    )
+    assert pydicom.dcmread(seg_path).SOPInstanceUID == seg_uids(study_uid, job["model_version"]).sop_instance_uid
     assert _dice(got.array, phantom.mask.array) >= 0.5
 
 
@@ -319,9 +317,7 @@ def _job(proc: NodeProcess, study_uid: str) -> dict | None:
 
 
 @needs_segmenter
-def test_sigkill_during_a_job_then_restart_gives_exactly_one_seg(
-    orthanc, phantom_studies, tmp_path: Path
-) -> None:
+def test_sigkill_during_a_job_then_restart_gives_exactly_one_seg(orthanc, phantom_studies, tmp_path: Path) -> None:
     _, info, _ = phantom_studies[2]
     study_uid = info["study_instance_uid"]
     proc = _worker_node(orthanc, tmp_path / "node").start()
@@ -356,9 +352,7 @@ def test_send_retries_with_backoff_and_survives_a_kill_until_the_pacs_is_back(
         orthanc.push_to_node([_orthanc_study_id(orthanc, study_uid)], modality="worker")
         orthanc.stop()
         assert _job(proc, study_uid) is None, "the job started before Orthanc was down"
-        retries = wait_for(
-            lambda: len(proc.events("send_retry")) >= 2 and proc.events("send_retry"), 240, "2 retries"
-        )
+        retries = wait_for(lambda: len(proc.events("send_retry")) >= 2 and proc.events("send_retry"), 240, "2 retries")
         assert [r["wait_s"] for r in retries[:2]] == [0.5, 1.0]  # retry_base_seconds 0.5, doubling
         # killed while sending: the restarted node sends the SEG it wrote, without segmenting again
         proc.kill()

@@ -126,9 +126,7 @@ def test_load_config_missing_file_and_bad_suffix(tmp_path: Path) -> None:
 def test_every_option_is_documented_in_the_command_help() -> None:
     """The config keys listed by ``diffseg serve --help`` are exactly the fields of ServeOptions."""
     fields = {f.name for f in dataclasses.fields(ServeOptions)}
-    described = set(
-        re.findall(r"[a-z_]+", serve_command.DESCRIPTION.split("Configuration (TOML or JSON):")[1])
-    )
+    described = set(re.findall(r"[a-z_]+", serve_command.DESCRIPTION.split("Configuration (TOML or JSON):")[1]))
     assert fields <= described, f"undocumented in DESCRIPTION: {sorted(fields - described)}"
 
 
@@ -412,14 +410,18 @@ def test_logs_are_one_json_object_per_line(tmp_path: Path) -> None:
             raise OSError(28, "No space left on device")
         except OSError:
             logger.exception("disk", extra={"event": "store_failed"})
+        logging.getLogger("pynetdicom").info("one line per PDU: not written")
+        logging.getLogger("pynetdicom.transport").error("TCP Initialisation Error")
     finally:
         remove_handlers(handlers)
+    assert logging.getLogger("diffseg").propagate and logging.getLogger("pynetdicom").propagate
     file_lines = (tmp_path / "serve.log").read_text().splitlines()
-    assert file_lines == stream.getvalue().splitlines() and len(file_lines) == 2
-    first, second = map(json.loads, file_lines)
+    assert file_lines == stream.getvalue().splitlines() and len(file_lines) == 3
+    first, second, third = map(json.loads, file_lines)
     assert first["message"] == "job 7 done" and first["event"] == "job_done" and first["job"] == 7
-    assert first["level"] == "INFO" and first["time"].endswith("+00:00")
+    assert first["level"] == "INFO" and first["time"].endswith("+00:00") and first["logger"] == "diffseg"
     assert second["event"] == "store_failed" and "No space left on device" in second["exception"]
+    assert third["logger"] == "pynetdicom.transport" and third["level"] == "ERROR"
 
 
 def test_json_formatter_writes_unserialisable_extras_as_text() -> None:

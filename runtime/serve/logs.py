@@ -1,7 +1,8 @@
 """Structured logs of the node: one JSON object per line, to a file in the spool and to stderr.
 
-Every record carries ``time`` (UTC, ISO 8601), ``level``, ``message`` and ``module``; the fields passed in
-``extra=`` (``event``, ``job``, ``study_uid``, ``status``...) become keys of the same object.
+Every record carries ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``, ``module`` and ``thread``;
+the fields passed in ``extra=`` (``event``, ``job``, ``study_uid``, ``status``...) become keys of the same
+object.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class JsonFormatter(logging.Formatter):
         out: dict[str, Any] = {
             "time": _dt.datetime.fromtimestamp(record.created, _dt.UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
+            "logger": record.name,
             "message": record.getMessage(),
             "module": record.module,
             "thread": record.threadName,
@@ -41,19 +43,20 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(
     log_file: str | Path, level: int = logging.INFO, stream: IO[str] | None = None
 ) -> list[logging.Handler]:
-    """Send the ``diffseg`` logger's records, as JSON lines, to ``log_file`` (appended) and ``stream``.
+    """Send log records, as JSON lines, to ``log_file`` (appended) and ``stream``.
 
-    The logger stops propagating to the root logger so that each record is written once.
+    Records of the ``diffseg`` logger from ``level`` up, and of pynetdicom's from WARNING up (its INFO is one
+    line per PDU), so that every line the node writes is JSON. Both loggers stop propagating to the root
+    logger so that each record is written once.
 
     Args:
         log_file: the log file (its folder must exist).
-        level: the lowest level written.
+        level: the lowest level written for ``diffseg``.
         stream: second destination (default ``sys.stderr``).
 
     Returns:
         The handlers added (pass them to :func:`remove_handlers`).
     """
-    logger = logging.getLogger("diffseg")
     formatter = JsonFormatter()
     handlers: list[logging.Handler] = [
         logging.FileHandler(log_file, encoding="utf-8"),
@@ -61,17 +64,21 @@ def configure_logging(
     ]
     for handler in handlers:
         handler.setFormatter(formatter)
-        handler.setLevel(level)
-        logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
+    for name, name_level in (("diffseg", level), ("pynetdicom", max(level, logging.WARNING))):
+        logger = logging.getLogger(name)
+        for handler in handlers:
+            logger.addHandler(handler)
+        logger.setLevel(name_level)
+        logger.propagate = False
     return handlers
 
 
 def remove_handlers(handlers: list[logging.Handler]) -> None:
-    """Detach and close handlers added by :func:`configure_logging`; the logger propagates again."""
-    logger = logging.getLogger("diffseg")
+    """Detach and close handlers added by :func:`configure_logging`; the loggers propagate again."""
+    for name in ("diffseg", "pynetdicom"):
+        logger = logging.getLogger(name)
+        for handler in handlers:
+            logger.removeHandler(handler)
+        logger.propagate = True
     for handler in handlers:
-        logger.removeHandler(handler)
         handler.close()
-    logger.propagate = True

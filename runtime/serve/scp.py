@@ -17,6 +17,7 @@ import io
 import logging
 import socket
 import sqlite3
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -169,6 +170,8 @@ class StorageSCP:
         self.queue = queue
         self._server: Any = None
         self.ae = self._build_ae()
+        self._tally: dict[int, dict[str, int]] = {}  # per association: stored / refused / failed
+        self._tally_lock = threading.Lock()
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.options.ae_title)
@@ -194,6 +197,7 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -234,8 +238,30 @@ class StorageSCP:
             extra={"event": "association_rejected", "calling_aet": calling, "peer": _peer(event)},
         )
 
+    def _count(self, event: Any, outcome: str) -> None:
+        with self._tally_lock:
+            tally = self._tally.setdefault(id(event.assoc), {"stored": 0, "refused": 0, "failed": 0})
+            tally[outcome] += 1
+
+    def _pop_tally(self, event: Any) -> dict[str, int]:
+        with self._tally_lock:
+            return self._tally.pop(id(event.assoc), {"stored": 0, "refused": 0, "failed": 0})
+
     def _on_aborted(self, event: Any) -> None:
-        logger.warning("association aborted", extra={"event": "association_aborted", "peer": _peer(event)})
+        logger.warning(
+            "association aborted",
+            extra={"event": "association_aborted", "peer": _peer(event), **self._pop_tally(event)},
+        )
+
+    def _on_released(self, event: Any) -> None:
+        tally = self._pop_tally(event)
+        logger.info(
+            "association released: %d stored, %d refused, %d failed",
+            tally["stored"],
+            tally["refused"],
+            tally["failed"],
+            extra={"event": "association_released", "peer": _peer(event), **tally},
+        )
 
     def _on_echo(self, event: Any) -> int:
         logger.info("C-ECHO", extra={"event": "echo", "peer": _peer(event)})
@@ -260,11 +286,13 @@ class StorageSCP:
                     "reason": str(exc),
                 },
             )
+            self._count(event, "refused")
             return exc.status
         except Exception as exc:  # the handler must answer whatever happens; pynetdicom would answer 0xC211
             logger.exception(
                 "C-STORE refused", extra={"event": "store_refused", "peer": peer, "reason": str(exc)}
             )
+            self._count(event, "refused")
             return STATUS_CANNOT_UNDERSTAND
         path = self.spool.instance_path(inst.study_uid, inst.sop_instance_uid)
         try:
@@ -285,6 +313,7 @@ class StorageSCP:
                     "peer": peer,
                 },
             )
+            self._count(event, "failed")
             return STATUS_OUT_OF_RESOURCES
         try:
             late = self.queue.record_instance(
@@ -310,6 +339,7 @@ class StorageSCP:
                     "peer": peer,
                 },
             )
+            self._count(event, "failed")
             return STATUS_OUT_OF_RESOURCES
         level = logging.WARNING if late else logging.DEBUG
         if logger.isEnabledFor(level):
@@ -326,4 +356,5 @@ class StorageSCP:
                     "peer": peer,
                 },
             )
+        self._count(event, "stored")
         return STATUS_SUCCESS
