@@ -16,6 +16,9 @@ from typing import IO, Any
 
 __all__ = ["JsonFormatter", "configure_logging", "remove_handlers"]
 
+# The loggers whose records the node writes (the libraries' at WARNING and above).
+_LOGGERS = ("diffseg", "pynetdicom", "pydicom")
+
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
 
@@ -40,14 +43,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+def _only_warnings_from_libraries(record: logging.LogRecord) -> bool:
+    return record.name.partition(".")[0] == "diffseg" or record.levelno >= logging.WARNING
+
+
 def configure_logging(
     log_file: str | Path, level: int = logging.INFO, stream: IO[str] | None = None
 ) -> list[logging.Handler]:
     """Send log records, as JSON lines, to ``log_file`` (appended) and ``stream``.
 
-    Records of the ``diffseg`` logger from ``level`` up, and of pynetdicom's from WARNING up (its INFO is one
-    line per PDU), so that every line the node writes is JSON. Both loggers stop propagating to the root
-    logger so that each record is written once.
+    Records of the ``diffseg`` logger from ``level`` up, and of pynetdicom's and pydicom's from WARNING up
+    (pynetdicom's INFO is one line per PDU), so that every line the node writes is JSON. These loggers stop
+    propagating to the root logger so that each record is written once.
 
     Args:
         log_file: the log file (its folder must exist).
@@ -64,21 +71,24 @@ def configure_logging(
     ]
     for handler in handlers:
         handler.setFormatter(formatter)
-    for name, name_level in (("diffseg", level), ("pynetdicom", max(level, logging.WARNING))):
+        handler.setLevel(level)
+        handler.addFilter(_only_warnings_from_libraries)
+    for name in _LOGGERS:
         logger = logging.getLogger(name)
         for handler in handlers:
             logger.addHandler(handler)
-        logger.setLevel(name_level)
         logger.propagate = False
+    logging.getLogger("diffseg").setLevel(level)
     return handlers
 
 
 def remove_handlers(handlers: list[logging.Handler]) -> None:
     """Detach and close handlers added by :func:`configure_logging`; the loggers propagate again."""
-    for name in ("diffseg", "pynetdicom"):
+    for name in _LOGGERS:
         logger = logging.getLogger(name)
         for handler in handlers:
             logger.removeHandler(handler)
         logger.propagate = True
+    logging.getLogger("diffseg").setLevel(logging.NOTSET)
     for handler in handlers:
         handler.close()
