@@ -43,9 +43,7 @@ def _study_id(pacs: Orthanc, study_uid: str) -> str:
 
 
 def _seg_counts(pacs: Orthanc, study_uids: list[str]) -> dict[str, int]:
-    return {
-        uid: len(pacs.find("Instance", {"StudyInstanceUID": uid, "Modality": "SEG"})) for uid in study_uids
-    }
+    return {uid: len(pacs.find("Instance", {"StudyInstanceUID": uid, "Modality": "SEG"})) for uid in study_uids}
 
 
 def _pusher(pacs: Orthanc, ids: list[str], log: dict, stop: threading.Event) -> None:
@@ -139,9 +137,7 @@ def run(args: argparse.Namespace) -> dict:
         "seg_sends_confirmed_per_study": sorted(set(confirmations.values())),
         "studies_confirmed_more_than_once": sum(1 for n in confirmations.values() if n > 1),
         "push_tries_total": sum(log["push_tries"].values()),
-        "failed_jobs": [
-            {"study_uid": j["study_uid"], "reason": j["reason"]} for j in jobs if j["state"] == "failed"
-        ],
+        "failed_jobs": [{"study_uid": j["study_uid"], "reason": j["reason"]} for j in jobs if j["state"] == "failed"],
         "wall_s": round(elapsed, 1),
         "setup_s": round(setup_s, 1),
         "node_exit_code": stop_rc,

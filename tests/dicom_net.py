@@ -124,9 +124,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
 def dcmtk(tool: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run a dcmtk tool (from /usr/bin, TCP_NODELAY on) and capture its output."""
     env = dict(os.environ, TCP_NODELAY="1")
-    return subprocess.run(
-        [str(DCMTK_DIR / tool), *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
+    return subprocess.run([str(DCMTK_DIR / tool), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @dataclass
@@ -149,9 +147,7 @@ class Orthanc:
 
     def start(self, host_netns: str) -> Orthanc:
         if _netns_id() == host_netns:
-            raise RuntimeError(
-                "refusing to start Orthanc outside a private network namespace (it binds 0.0.0.0)"
-            )
+            raise RuntimeError("refusing to start Orthanc outside a private network namespace (it binds 0.0.0.0)")
         self.dicom_port = self.dicom_port or free_port()
         self.http_port = self.http_port or free_port()
         db = self.workdir / "db"
@@ -192,9 +188,7 @@ class Orthanc:
 
     def _alive(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(
-                f"Orthanc exited with {self.process.returncode}; see {self.workdir}/orthanc.log"
-            )
+            raise RuntimeError(f"Orthanc exited with {self.process.returncode}; see {self.workdir}/orthanc.log")
         try:
             self.get("/system")
         except (urllib.error.URLError, ConnectionError):
@@ -248,9 +242,7 @@ class Orthanc:
         return self.post(f"/modalities/{modality}/store", {"Resources": resources, "Synchronous": True})
 
 
-def tiny_study(
-    out_dir: Path, n_ct: int = 4, n_pt: int = 3, size: int = 16, study_uid: str | None = None
-) -> list[Path]:
+def tiny_study(out_dir: Path, n_ct: int = 4, n_pt: int = 3, size: int = 16, study_uid: str | None = None) -> list[Path]:
     """Write a small, valid CT + PET study (``size``² pixels) with pydicom; return the files.
 
     Enough for the node's transport and spool tests; the segmentation tests use the project's phantom writer.
@@ -386,9 +378,7 @@ class NodeProcess:
 
     def _started(self) -> bool:
         if self.process.poll() is not None:
-            raise RuntimeError(
-                f"node exited with {self.process.returncode}: {self.stderr_path.read_text()[-3000:]}"
-            )
+            raise RuntimeError(f"node exited with {self.process.returncode}: {self.stderr_path.read_text()[-3000:]}")
         return bool(self.events("started"))
 
     def events(self, event: str | None = None, start: int | None = None) -> list[dict]:
@@ -456,9 +446,7 @@ def send_raw(path: Path, port: int, calling_aet: str = "PACS", called_aet: str =
     return None if status is None else int(status)
 
 
-def store_files(
-    paths: list[Path], port: int, calling_aet: str = "PACS", called_aet: str = "NODE"
-) -> list[int]:
+def store_files(paths: list[Path], port: int, calling_aet: str = "PACS", called_aet: str = "NODE") -> list[int]:
     """C-STORE files in one association with pynetdicom; return each status (-1: no answer)."""
     from pynetdicom import AE
 

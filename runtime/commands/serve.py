@@ -61,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     def on_signal(signum: int, frame: object) -> None:
         del frame
-        logger.info(
-            "signal %s: stopping", signal.Signals(signum).name, extra={"event": "signal", "signal": signum}
-        )
+        logger.info("signal %s: stopping", signal.Signals(signum).name, extra={"event": "signal", "signal": signum})
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -125,15 +125,11 @@ class JobQueue:
     def __init__(self, db_path: str | Path, timeout: float = 30.0) -> None:
         self.db_path = Path(db_path)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(
-            self.db_path, timeout=timeout, isolation_level=None, check_same_thread=False
-        )
+        self._db = sqlite3.connect(self.db_path, timeout=timeout, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
-            raise RuntimeError(
-                f"job queue {self.db_path}: could not switch to WAL journal mode (got {mode!r})"
-            )
+            raise RuntimeError(f"job queue {self.db_path}: could not switch to WAL journal mode (got {mode!r})")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._create_schema()
@@ -146,8 +142,7 @@ class JobQueue:
                 self._db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
                 raise RuntimeError(
-                    f"job queue {self.db_path} has schema version {row[0]}, "
-                    f"this diffseg reads {SCHEMA_VERSION}"
+                    f"job queue {self.db_path} has schema version {row[0]}, this diffseg reads {SCHEMA_VERSION}"
                 )
 
     def close(self) -> None:
@@ -204,10 +199,7 @@ class JobQueue:
         """
         now = time.time() if now is None else now
         with self._tx() as db:
-            new = (
-                db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)).fetchone()
-                is None
-            )
+            new = db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)).fetchone() is None
             db.execute(
                 "INSERT OR REPLACE INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid,"
                 " modality, path, calling_aet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -219,16 +211,13 @@ class JobQueue:
                 (study_uid, now, now),
             )
             db.execute(
-                "UPDATE studies SET instances=(SELECT COUNT(*) FROM instances WHERE study_uid=?)"
-                " WHERE study_uid=?",
+                "UPDATE studies SET instances=(SELECT COUNT(*) FROM instances WHERE study_uid=?) WHERE study_uid=?",
                 (study_uid, study_uid),
             )
             job = db.execute("SELECT state FROM jobs WHERE study_uid=?", (study_uid,)).fetchone()
             late = new and job is not None and job["state"] != "queued"
             if late:
-                db.execute(
-                    "UPDATE studies SET late_instances=late_instances+1 WHERE study_uid=?", (study_uid,)
-                )
+                db.execute("UPDATE studies SET late_instances=late_instances+1 WHERE study_uid=?", (study_uid,))
         return late
 
     def known_instances(self) -> set[str]:
@@ -378,9 +367,7 @@ class JobQueue:
         """Jobs in the given states, oldest first."""
         marks = ", ".join("?" * len(states))
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", states
-            ).fetchall()
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", states).fetchall()
         return [Job(**dict(row)) for row in rows]
 
     def study_instances(self, study_uid: str) -> int:

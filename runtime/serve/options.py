@@ -59,11 +59,7 @@ def _check_port(name: str, value: object) -> int:
 
 
 def _check_positive(name: str, value: object, allow_zero: bool = False) -> float:
-    ok = (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and (value >= 0 if allow_zero else value > 0)
-    )
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         raise ValueError(f"{name} must be a number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return float(value)

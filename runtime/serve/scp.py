@@ -201,9 +201,7 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self.ae.start_server(
-            (self.options.bind, self.options.port), block=False, evt_handlers=handlers
-        )
+        self._server = self.ae.start_server((self.options.bind, self.options.port), block=False, evt_handlers=handlers)
         logger.info(
             "listening",
             extra={
@@ -289,9 +287,7 @@ class StorageSCP:
             self._count(event, "refused")
             return exc.status
         except Exception as exc:  # the handler must answer whatever happens; pynetdicom would answer 0xC211
-            logger.exception(
-                "C-STORE refused", extra={"event": "store_refused", "peer": peer, "reason": str(exc)}
-            )
+            logger.exception("C-STORE refused", extra={"event": "store_refused", "peer": peer, "reason": str(exc)})
             self._count(event, "refused")
             return STATUS_CANNOT_UNDERSTAND
         path = self.spool.instance_path(inst.study_uid, inst.sop_instance_uid)
@@ -345,9 +341,7 @@ class StorageSCP:
         if logger.isEnabledFor(level):
             logger.log(
                 level,
-                "late instance: its study's job has started; kept in the spool, not segmented"
-                if late
-                else "stored",
+                "late instance: its study's job has started; kept in the spool, not segmented" if late else "stored",
                 extra={
                     "event": "late_instance" if late else "stored",
                     "study_uid": inst.study_uid,

@@ -56,9 +56,7 @@ def _make_ae(calling_aet: str, timeout: float) -> AE:
     return ae
 
 
-def send_file(
-    path: str | Path, destination: Destination, calling_aet: str, timeout: float = 30.0
-) -> SendResult:
+def send_file(path: str | Path, destination: Destination, calling_aet: str, timeout: float = 30.0) -> SendResult:
     """C-STORE one DICOM file to ``destination`` in one association.
 
     Args:

@@ -166,9 +166,7 @@ class Spool:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
-            raise SpoolLockedError(
-                f"spool_dir {self.root} is in use by another diffseg serve (pid {holder})"
-            ) from None
+            raise SpoolLockedError(f"spool_dir {self.root} is in use by another diffseg serve (pid {holder})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd

@@ -28,9 +28,7 @@ def spool_status(spool_dir: str | Path) -> dict[str, Any]:
     if not spool.root.is_dir():
         raise FileNotFoundError(f"spool directory {spool.root} does not exist")
     if not spool.db_path.is_file():
-        raise FileNotFoundError(
-            f"no job queue in {spool.root} (expected {spool.db_path.name}); has a node run here?"
-        )
+        raise FileNotFoundError(f"no job queue in {spool.root} (expected {spool.db_path.name}); has a node run here?")
     queue = JobQueue(spool.db_path)
     try:
         return {

@@ -51,9 +51,7 @@ class Worker:
         pipeline: loaded pipeline (model loaded once); None for a node that only sends jobs already segmented.
     """
 
-    def __init__(
-        self, options: ServeOptions, spool: Spool, queue: JobQueue, pipeline: SegPipeline | None
-    ) -> None:
+    def __init__(self, options: ServeOptions, spool: Spool, queue: JobQueue, pipeline: SegPipeline | None) -> None:
         self.options = options
         self.spool = spool
         self.queue = queue
@@ -90,9 +88,7 @@ class Worker:
             try:
                 self.process(job)
             except Exception as exc:  # a bug must not kill the worker; the job stays resumable or fails
-                logger.exception(
-                    "job %d: unexpected error", job.id, extra={"event": "job_error", "job": job.id}
-                )
+                logger.exception("job %d: unexpected error", job.id, extra={"event": "job_error", "job": job.id})
                 try:
                     self.queue.mark_failed(job.id, f"internal error: {type(exc).__name__}: {exc}")
                 except Exception:
@@ -116,9 +112,7 @@ class Worker:
 
     def _segment(self, job: Job) -> Job:
         if job.runs >= self.options.max_runs:
-            reason = (
-                f"segmentation started {job.runs} times without finishing (crash or kill during the run?)"
-            )
+            reason = f"segmentation started {job.runs} times without finishing (crash or kill during the run?)"
             logger.error("job %d failed: %s", job.id, reason, extra={"event": "job_failed", "job": job.id})
             return self.queue.mark_failed(job.id, reason)
         if self.pipeline is None:
