@@ -61,7 +61,8 @@ def node(netns, tmp_path_factory):
     """A receive-only node (no model) for the transport tests."""
     proc = NodeProcess(tmp_path_factory.mktemp("node"), free_port(), {"idle_seconds": 1.0}).start()
     yield proc
-    assert proc.stop() == 0, proc.stderr_path.read_text()[-2000:]
+    assert proc.stop() == 0, proc.stderr_path.read_text()[-2000:]  # SIGTERM: a clean stop
+    assert proc.events("stopped") and not proc.events("job_error")
 
 
 def _spool_files(root: Path) -> list[Path]:
