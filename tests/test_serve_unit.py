@@ -438,3 +438,68 @@ def test_options_reject_bad_values(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"allowed_calling_aets\[1\] must be 1-16"):
         _options(tmp_path, allowed_calling_aets=("PACS", "BAD\\AET"))
     assert _options(tmp_path, allowed_calling_aets=(" PACS ",)).allowed_calling_aets == ("PACS",)
+
+
+# -- the worker's decisions (no network: the destination port has no listener) ----------------------------------
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, never listening: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_worker_fails_a_job_interrupted_max_runs_times(tmp_path: Path) -> None:
+    from diffseg.runtime.serve import Worker
+
+    options = _options(tmp_path, max_runs=2)
+    spool = Spool(options.spool_dir).create()
+    queue = JobQueue(spool.db_path)
+    _record(queue, "1.2.3", "1.2.3.1", 0.0)
+    (job,) = queue.enqueue_idle_studies(1.0, now=5.0)
+    queue.start_run(job.id, 1)
+    job = queue.start_run(job.id, 1)  # two runs started, none finished (killed twice)
+    worker = Worker(options, spool, queue, pipeline=None)
+    job = worker.process(job)
+    assert job.state == "failed" and job.reason.startswith("segmentation started 2 times without finishing")
+    queue.close()
+
+
+def test_worker_backs_off_then_fails_when_the_destination_never_answers(tmp_path: Path, ct_file: Path) -> None:
+    from diffseg.runtime.serve import Worker
+
+    options = _options(
+        tmp_path,
+        destination=Destination("PACS", "127.0.0.1", _closed_port()),
+        max_send_attempts=3,
+        retry_base_seconds=0.25,
+        network_timeout=5.0,
+    )
+    spool = Spool(options.spool_dir).create()
+    seg = write_durable(spool.result_path("1.2.3"), ct_file.read_bytes())  # any DICOM file stands for the SEG
+    queue = JobQueue(spool.db_path)
+    _record(queue, "1.2.3", "1.2.3.1", 0.0)
+    (job,) = queue.enqueue_idle_studies(1.0, now=5.0)
+    queue.start_run(job.id, 1)
+    job = queue.set_sending(
+        job.id,
+        seg_path=str(seg.relative_to(spool.root)),
+        sop_instance_uid="2.25.1",
+        series_instance_uid="2.25.2",
+        model_version="m",
+    )
+    worker = Worker(options, spool, queue, pipeline=None)
+    waits = []
+    for attempt in (1, 2):
+        before = time.time()
+        job = worker.process(job)
+        assert (job.state, job.send_attempts) == ("sending", attempt)
+        assert "not reachable" in job.reason
+        waits.append(job.next_attempt_at - before)
+    assert waits[0] == pytest.approx(0.25, abs=0.2) and waits[1] == pytest.approx(0.5, abs=0.2)
+    job = worker.process(job)
+    assert job.state == "failed"
+    assert job.reason.startswith("SEG not accepted by PACS@127.0.0.1:") and "after 3 attempts" in job.reason
+    queue.close()

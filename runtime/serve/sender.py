@@ -43,7 +43,8 @@ class SendResult:
 def _associate(ae: AE, destination: Destination):
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not reachable"
+        # pynetdicom reports a refused TCP connection as an abort too
+        why = "rejected" if assoc.is_rejected else "not reachable or aborted"
         raise SendError(f"association with {destination} {why}")
     set_tcp_nodelay(assoc)
     return assoc
