@@ -4,11 +4,18 @@
 #include <string>
 #include <thread>
 
+#include "diffseg/components.hpp"
+#include "diffseg/resample.hpp"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 namespace py = pybind11;
+
+// Defined in the binding file of each kernel family.
+void register_resample(py::module_& m);
+void register_components(py::module_& m);
 
 namespace {
 
@@ -34,9 +41,17 @@ py::dict build_info() {
     return info;
 }
 
+void release_scratch() {
+    diffseg::cc::workspace_pool().release_all();
+    diffseg::rs::workspace_pool().release_all();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_ext, m) {
     m.doc() = "diffseg C++ kernels: physical-space resampling, connected components, lesion statistics";
     m.def("build_info", &build_info, "Compiler, flags and threading of this build.");
+    m.def("release_scratch", &release_scratch, "Free the scratch memory the kernels keep between calls.");
+    register_resample(m);
+    register_components(m);
 }

@@ -1,0 +1,450 @@
+// Resampling of a 3D image onto another grid, with SimpleITK's geometry and interpolation rules.
+//
+// Geometry: the caller gives the index-space affine c = M·o + b that maps an output index o = (i, j, k)
+// (x, y, z order) to a continuous input index c (x, y, z order); for SimpleITK grids that is
+// M = (D_in S_in)^-1 D_out S_out and b = (D_in S_in)^-1 (O_out - O_in). Arrays are C-ordered [z, y, x].
+//
+// Rules (as itk::ResampleImageFilter with LinearInterpolateImageFunction / NearestNeighborInterpolateImage-
+// Function and no extrapolator):
+//   * a point is inside iff -0.5 <= c < n - 0.5 on every axis (NaN is outside); outside points get `fill`;
+//   * linear: per axis, i0 = max(floor(c), 0), w = c - i0; the axis is not interpolated (w = 0) when w <= 0 or
+//     i0 + 1 is past the end, i.e. samples clamp to the edge voxel in the half-voxel border. Values are lerped in
+//     double along x, then y, then z (a + (b - a)·w), and rounded to float32 once, so results equal ITK's up
+//     to the last bit of the continuous index;
+//   * nearest: index = floor(c + 0.5) (half-way cases round up);
+//   * label vote: the 8 taps of the linear rule vote for their label with their trilinear weight; the label with
+//     the largest total weight wins, ties go to the smallest label value.
+//
+// When M is diagonal (equal or flipped directions, any spacing, origin and size) the work is separable: per-axis
+// (index, weight) tables, an x pass and a y pass per needed input slice into a small per-thread ring buffer,
+// and a z lerp per output slice. Threads take blocks of output rows (y), so each thread's buffers stay in L2.
+// Any other M (oblique, permuted axes) takes the general 8-tap path.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "diffseg/memory.hpp"
+#include "diffseg/parallel.hpp"
+
+namespace diffseg {
+namespace rs {
+
+struct Shape {
+    std::int64_t nz = 0, ny = 0, nx = 0;
+    std::int64_t voxels() const { return nz * ny * nx; }
+    std::int64_t n(int axis_xyz) const { return axis_xyz == 0 ? nx : (axis_xyz == 1 ? ny : nz); }
+};
+
+// c = m · o + b, all in x, y, z order; m is row-major.
+struct Affine {
+    double m[3][3];
+    double b[3];
+    bool diagonal() const {
+        return m[0][1] == 0.0 && m[0][2] == 0.0 && m[1][0] == 0.0 && m[1][2] == 0.0 && m[2][0] == 0.0 &&
+               m[2][1] == 0.0;
+    }
+};
+
+inline bool inside_axis(double c, std::int64_t n) { return c >= -0.5 && c < static_cast<double>(n) - 0.5; }
+
+// The linear rule along one axis: taps i0, i1 with weight w on i1 (w == 0: i1 == i0, one tap).
+struct LinearTap {
+    std::int64_t i0, i1;
+    double w;
+};
+
+inline LinearTap linear_tap(double c, std::int64_t n) {
+    std::int64_t i0 = static_cast<std::int64_t>(std::floor(c));
+    if (i0 < 0) i0 = 0;
+    double w = c - static_cast<double>(i0);
+    std::int64_t i1 = i0 + 1;
+    if (!(w > 0.0) || i1 > n - 1) {
+        w = 0.0;
+        i1 = i0;
+    }
+    return {i0, i1, w};
+}
+
+inline std::int64_t nearest_index(double c) { return static_cast<std::int64_t>(std::floor(c + 0.5)); }
+
+// ------------------------------------------------------------------------------------- separable tables
+
+struct AxisTable {
+    std::int64_t lo = 0, hi = 0;  // output indices [lo, hi) are inside the input along this axis
+    std::vector<std::int32_t> i0, i1, nearest;
+    std::vector<double> w;
+};
+
+// Table for output axis of n_out samples at c = scale * o + offset over an input axis of n_in samples.
+inline AxisTable make_axis_table(double scale, double offset, std::int64_t n_out, std::int64_t n_in) {
+    AxisTable t;
+    t.i0.assign(static_cast<std::size_t>(n_out), 0);
+    t.i1.assign(static_cast<std::size_t>(n_out), 0);
+    t.nearest.assign(static_cast<std::size_t>(n_out), 0);
+    t.w.assign(static_cast<std::size_t>(n_out), 0.0);
+    std::int64_t lo = -1, hi = -1;
+    for (std::int64_t o = 0; o < n_out; ++o) {
+        const double c = offset + scale * static_cast<double>(o);
+        if (!inside_axis(c, n_in)) continue;
+        if (lo < 0) lo = o;
+        hi = o + 1;
+        const LinearTap tap = linear_tap(c, n_in);
+        t.i0[o] = static_cast<std::int32_t>(tap.i0);
+        t.i1[o] = static_cast<std::int32_t>(tap.i1);
+        t.w[o] = tap.w;
+        t.nearest[o] = static_cast<std::int32_t>(std::min<std::int64_t>(nearest_index(c), n_in - 1));
+    }
+    // c is monotone in o, so the inside samples form one interval.
+    t.lo = lo < 0 ? 0 : lo;
+    t.hi = lo < 0 ? 0 : hi;
+    return t;
+}
+
+struct Workspace {
+    std::vector<ScratchArray<double>> ring, xrows;
+};
+
+inline WorkspacePool<Workspace>& workspace_pool() {
+    static WorkspacePool<Workspace> pool;
+    return pool;
+}
+
+inline void check_shapes(const Shape& in, const Shape& out) {
+    const std::int64_t lim = std::numeric_limits<std::int32_t>::max();
+    if (in.nx > lim || in.ny > lim || in.nz > lim || out.nx > lim || out.ny > lim || out.nz > lim)
+        throw std::invalid_argument("axes longer than 2^31 voxels are not supported");
+}
+
+template <class T>
+inline void fill_n(T* p, std::int64_t n, T v) {
+    if (n > 0) std::fill(p, p + n, v);
+}
+
+// ------------------------------------------------------------------------------------- linear, separable
+
+// x pass of one input row: dst[i - lo] = lerp of row at the x table, for i in [lo, hi).
+template <class Tin>
+inline void lerp_row_x(const Tin* row, const AxisTable& tx, double* dst) {
+    const std::int32_t* i0 = tx.i0.data();
+    const std::int32_t* i1 = tx.i1.data();
+    const double* w = tx.w.data();
+    const std::int64_t lo = tx.lo, hi = tx.hi;
+    for (std::int64_t i = lo; i < hi; ++i) {
+        const double a = static_cast<double>(row[i0[i]]);
+        const double b = static_cast<double>(row[i1[i]]);
+        const double wi = w[i];
+        const double r = a + (b - a) * wi;
+        dst[i - lo] = wi == 0.0 ? a : r;
+    }
+}
+
+inline void lerp_rows(const double* a, const double* b, double w, std::int64_t n, double* dst) {
+    if (w == 0.0) {
+        std::memcpy(dst, a, sizeof(double) * static_cast<std::size_t>(n));
+        return;
+    }
+    for (std::int64_t i = 0; i < n; ++i) dst[i] = a[i] + (b[i] - a[i]) * w;
+}
+
+inline void lerp_rows_to_float(const double* a, const double* b, double w, std::int64_t n, float* dst) {
+    if (w == 0.0) {
+        for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(a[i]);
+        return;
+    }
+    for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(a[i] + (b[i] - a[i]) * w);
+}
+
+template <class Tin>
+void linear_separable(const Tin* src, Shape in, float* out, Shape os, const Affine& A, float fill, int threads) {
+    check_shapes(in, os);
+    const AxisTable tx = make_axis_table(A.m[0][0], A.b[0], os.nx, in.nx);
+    const AxisTable ty = make_axis_table(A.m[1][1], A.b[1], os.ny, in.ny);
+    const AxisTable tz = make_axis_table(A.m[2][2], A.b[2], os.nz, in.nz);
+    const std::int64_t nxv = tx.hi - tx.lo;
+    // Rows per block: ring (2 slices) + x rows of a block in ~512 KiB of doubles.
+    std::int64_t block = nxv > 0 ? std::max<std::int64_t>(4, (512 * 1024 / 8) / (4 * nxv)) : os.ny;
+    block = std::min<std::int64_t>(block, 64);
+    const std::int64_t n_blocks = os.ny > 0 ? (os.ny + block - 1) / block : 0;
+    auto ws = workspace_pool().acquire();
+    const int nt = resolve_threads(threads, n_blocks);
+    if (static_cast<int>(ws->ring.size()) < nt) {
+        ws->ring.resize(nt);
+        ws->xrows.resize(nt);
+    }
+    const double scale_y = std::fabs(A.m[1][1]);
+    const std::int64_t max_xrows = std::min<std::int64_t>(
+        in.ny, static_cast<std::int64_t>(std::ceil(scale_y * static_cast<double>(block))) + 3);
+
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+    {
+        const int t = thread_index();
+        ScratchArray<double>& ring = ws->ring[t];
+        ScratchArray<double>& xr = ws->xrows[t];
+        ring.resize(static_cast<std::size_t>(2 * block * std::max<std::int64_t>(nxv, 1)));
+        xr.resize(static_cast<std::size_t>(max_xrows * std::max<std::int64_t>(nxv, 1)));
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (std::int64_t blk = 0; blk < n_blocks; ++blk) {
+            const std::int64_t jb = blk * block, je = std::min(os.ny, jb + block);
+            // Inside rows of this block, and the input rows they read.
+            const std::int64_t vb = std::max(jb, ty.lo), ve = std::min(je, ty.hi);
+            std::int64_t ymin = 0, ymax = -1;
+            if (vb < ve) {
+                ymin = in.ny;
+                ymax = -1;
+                for (std::int64_t j = vb; j < ve; ++j) {
+                    ymin = std::min<std::int64_t>(ymin, std::min(ty.i0[j], ty.i1[j]));
+                    ymax = std::max<std::int64_t>(ymax, std::max(ty.i0[j], ty.i1[j]));
+                }
+            }
+            const std::int64_t n_xrows = ymax - ymin + 1;
+            if (n_xrows > max_xrows) xr.resize(static_cast<std::size_t>(n_xrows * std::max<std::int64_t>(nxv, 1)));
+            std::int64_t tag[2] = {-1, -1};
+            auto slice = [&](std::int64_t s) -> const double* {
+                for (int q = 0; q < 2; ++q)
+                    if (tag[q] == s) return ring.data() + q * block * nxv;
+                return nullptr;
+            };
+            // Fills a ring slot (not holding `keep`) with input slice s resampled in x and y for this block.
+            auto make_slice = [&](std::int64_t s, std::int64_t keep) -> const double* {
+                int q;
+                if (keep >= 0)
+                    q = tag[0] == keep ? 1 : 0;
+                else  // evict the slot farther from s (slices are visited monotonically)
+                    q = (tag[0] < 0 || (tag[1] >= 0 && std::llabs(tag[0] - s) > std::llabs(tag[1] - s))) ? 0 : 1;
+                double* dst = ring.data() + q * block * nxv;
+                for (std::int64_t y = ymin; y <= ymax; ++y)
+                    lerp_row_x<Tin>(src + (s * in.ny + y) * in.nx, tx, xr.data() + (y - ymin) * nxv);
+                for (std::int64_t j = vb; j < ve; ++j)
+                    lerp_rows(xr.data() + (ty.i0[j] - ymin) * nxv, xr.data() + (ty.i1[j] - ymin) * nxv, ty.w[j],
+                              nxv, dst + (j - jb) * nxv);
+                tag[q] = s;
+                return dst;
+            };
+            for (std::int64_t k = 0; k < os.nz; ++k) {
+                float* base = out + (k * os.ny) * os.nx;
+                const bool kin = k >= tz.lo && k < tz.hi;
+                if (!kin || vb >= ve || nxv <= 0) {
+                    fill_n(base + jb * os.nx, (je - jb) * os.nx, fill);
+                    continue;
+                }
+                const std::int64_t s0 = tz.i0[k], s1 = tz.i1[k];
+                const double wz = tz.w[k];
+                const double* t0 = slice(s0);
+                if (!t0) t0 = make_slice(s0, wz != 0.0 ? s1 : -1);
+                const double* t1 = t0;
+                if (wz != 0.0) {
+                    t1 = slice(s1);
+                    if (!t1) t1 = make_slice(s1, s0);
+                    t0 = slice(s0);  // make_slice never evicts s0, but re-read the pointer for clarity
+                }
+                for (std::int64_t j = jb; j < je; ++j) {
+                    float* row = base + j * os.nx;
+                    if (j < vb || j >= ve) {
+                        fill_n(row, os.nx, fill);
+                        continue;
+                    }
+                    fill_n(row, tx.lo, fill);
+                    lerp_rows_to_float(t0 + (j - jb) * nxv, t1 + (j - jb) * nxv, wz, nxv, row + tx.lo);
+                    fill_n(row + tx.hi, os.nx - tx.hi, fill);
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------- general (any affine)
+
+// Calls f(k, j, row_out, cx0, cy0, cz0) for every output row, with the continuous input index of voxel i = 0;
+// the index of voxel i is (cx0, cy0, cz0) + i * (m[0][0], m[1][0], m[2][0]).
+template <class F>
+void for_each_output_row(Shape os, const Affine& A, int threads, F&& f) {
+    const std::int64_t rows = os.nz * os.ny;
+    const int nt = resolve_threads(threads, rows);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+    for (std::int64_t r = 0; r < rows; ++r) {
+        const double k = static_cast<double>(r / os.ny), j = static_cast<double>(r % os.ny);
+        const double c0[3] = {A.m[0][1] * j + A.m[0][2] * k + A.b[0], A.m[1][1] * j + A.m[1][2] * k + A.b[1],
+                              A.m[2][1] * j + A.m[2][2] * k + A.b[2]};
+        f(r, c0);
+    }
+}
+
+template <class Tin>
+inline double linear_at(const Tin* src, Shape in, double cx, double cy, double cz) {
+    const LinearTap tx = linear_tap(cx, in.nx), ty = linear_tap(cy, in.ny), tz = linear_tap(cz, in.nz);
+    auto along_x = [&](std::int64_t z, std::int64_t y) {
+        const Tin* row = src + (z * in.ny + y) * in.nx;
+        const double a = static_cast<double>(row[tx.i0]);
+        return tx.w == 0.0 ? a : a + (static_cast<double>(row[tx.i1]) - a) * tx.w;
+    };
+    double v0 = along_x(tz.i0, ty.i0);
+    if (ty.w != 0.0) v0 = v0 + (along_x(tz.i0, ty.i1) - v0) * ty.w;
+    if (tz.w != 0.0) {
+        double v1 = along_x(tz.i1, ty.i0);
+        if (ty.w != 0.0) v1 = v1 + (along_x(tz.i1, ty.i1) - v1) * ty.w;
+        v0 = v0 + (v1 - v0) * tz.w;
+    }
+    return v0;
+}
+
+template <class Tin>
+void linear_general(const Tin* src, Shape in, float* out, Shape os, const Affine& A, float fill, int threads) {
+    check_shapes(in, os);
+    const double d[3] = {A.m[0][0], A.m[1][0], A.m[2][0]};
+    for_each_output_row(os, A, threads, [&](std::int64_t r, const double* c0) {
+        float* row = out + r * os.nx;
+        for (std::int64_t i = 0; i < os.nx; ++i) {
+            const double fi = static_cast<double>(i);
+            const double cx = c0[0] + fi * d[0], cy = c0[1] + fi * d[1], cz = c0[2] + fi * d[2];
+            if (inside_axis(cx, in.nx) && inside_axis(cy, in.ny) && inside_axis(cz, in.nz))
+                row[i] = static_cast<float>(linear_at(src, in, cx, cy, cz));
+            else
+                row[i] = fill;
+        }
+    });
+}
+
+template <class Tin>
+void linear(const Tin* src, Shape in, float* out, Shape os, const Affine& A, float fill, int threads) {
+    if (os.voxels() == 0) return;
+    if (in.voxels() == 0) {
+        fill_n(out, os.voxels(), fill);
+        return;
+    }
+    if (A.diagonal())
+        linear_separable<Tin>(src, in, out, os, A, fill, threads);
+    else
+        linear_general<Tin>(src, in, out, os, A, fill, threads);
+}
+
+// ------------------------------------------------------------------------------------- nearest
+
+template <class T>
+void nearest(const T* src, Shape in, T* out, Shape os, const Affine& A, T fill, int threads) {
+    check_shapes(in, os);
+    if (os.voxels() == 0) return;
+    if (in.voxels() == 0) {
+        fill_n(out, os.voxels(), fill);
+        return;
+    }
+    if (A.diagonal()) {
+        const AxisTable tx = make_axis_table(A.m[0][0], A.b[0], os.nx, in.nx);
+        const AxisTable ty = make_axis_table(A.m[1][1], A.b[1], os.ny, in.ny);
+        const AxisTable tz = make_axis_table(A.m[2][2], A.b[2], os.nz, in.nz);
+        // A unit-step x table is a plain copy.
+        bool contiguous = tx.hi > tx.lo;
+        for (std::int64_t i = tx.lo + 1; i < tx.hi && contiguous; ++i)
+            contiguous = tx.nearest[i] == tx.nearest[i - 1] + 1;
+        const std::int32_t* xi = tx.nearest.data();
+        const std::int64_t rows = os.nz * os.ny;
+        const int nt = resolve_threads(threads, rows);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+        for (std::int64_t r = 0; r < rows; ++r) {
+            const std::int64_t k = r / os.ny, j = r % os.ny;
+            T* row = out + r * os.nx;
+            if (k < tz.lo || k >= tz.hi || j < ty.lo || j >= ty.hi) {
+                fill_n(row, os.nx, fill);
+                continue;
+            }
+            const T* s = src + (static_cast<std::int64_t>(tz.nearest[k]) * in.ny + ty.nearest[j]) * in.nx;
+            fill_n(row, tx.lo, fill);
+            if (contiguous) {
+                std::memcpy(row + tx.lo, s + xi[tx.lo], sizeof(T) * static_cast<std::size_t>(tx.hi - tx.lo));
+            } else {
+                for (std::int64_t i = tx.lo; i < tx.hi; ++i) row[i] = s[xi[i]];
+            }
+            fill_n(row + tx.hi, os.nx - tx.hi, fill);
+        }
+        return;
+    }
+    const double d[3] = {A.m[0][0], A.m[1][0], A.m[2][0]};
+    for_each_output_row(os, A, threads, [&](std::int64_t r, const double* c0) {
+        T* row = out + r * os.nx;
+        for (std::int64_t i = 0; i < os.nx; ++i) {
+            const double fi = static_cast<double>(i);
+            const double cx = c0[0] + fi * d[0], cy = c0[1] + fi * d[1], cz = c0[2] + fi * d[2];
+            if (inside_axis(cx, in.nx) && inside_axis(cy, in.ny) && inside_axis(cz, in.nz)) {
+                const std::int64_t x = std::min(nearest_index(cx), in.nx - 1);
+                const std::int64_t y = std::min(nearest_index(cy), in.ny - 1);
+                const std::int64_t z = std::min(nearest_index(cz), in.nz - 1);
+                row[i] = src[(z * in.ny + y) * in.nx + x];
+            } else {
+                row[i] = fill;
+            }
+        }
+    });
+}
+
+// ------------------------------------------------------------------------------------- label vote
+
+template <class T>
+void label_vote(const T* src, Shape in, T* out, Shape os, const Affine& A, T fill, int threads) {
+    check_shapes(in, os);
+    if (os.voxels() == 0) return;
+    if (in.voxels() == 0) {
+        fill_n(out, os.voxels(), fill);
+        return;
+    }
+    const double d[3] = {A.m[0][0], A.m[1][0], A.m[2][0]};
+    for_each_output_row(os, A, threads, [&](std::int64_t r, const double* c0) {
+        T* row = out + r * os.nx;
+        for (std::int64_t i = 0; i < os.nx; ++i) {
+            const double fi = static_cast<double>(i);
+            const double cx = c0[0] + fi * d[0], cy = c0[1] + fi * d[1], cz = c0[2] + fi * d[2];
+            if (!(inside_axis(cx, in.nx) && inside_axis(cy, in.ny) && inside_axis(cz, in.nz))) {
+                row[i] = fill;
+                continue;
+            }
+            const LinearTap t[3] = {linear_tap(cx, in.nx), linear_tap(cy, in.ny), linear_tap(cz, in.nz)};
+            T labels[8];
+            double weight[8];
+            int n = 0;
+            const int nzt = t[2].w == 0.0 ? 1 : 2, nyt = t[1].w == 0.0 ? 1 : 2, nxt = t[0].w == 0.0 ? 1 : 2;
+            for (int a = 0; a < nzt; ++a) {
+                const std::int64_t z = a ? t[2].i1 : t[2].i0;
+                const double wz = nzt == 1 ? 1.0 : (a ? t[2].w : 1.0 - t[2].w);
+                for (int b = 0; b < nyt; ++b) {
+                    const std::int64_t y = b ? t[1].i1 : t[1].i0;
+                    const double wy = nyt == 1 ? 1.0 : (b ? t[1].w : 1.0 - t[1].w);
+                    const T* srow = src + (z * in.ny + y) * in.nx;
+                    for (int c = 0; c < nxt; ++c) {
+                        const std::int64_t x = c ? t[0].i1 : t[0].i0;
+                        const double wx = nxt == 1 ? 1.0 : (c ? t[0].w : 1.0 - t[0].w);
+                        const T v = srow[x];
+                        const double wv = wz * wy * wx;
+                        int q = 0;
+                        while (q < n && labels[q] != v) ++q;
+                        if (q == n) {
+                            labels[n] = v;
+                            weight[n++] = wv;
+                        } else {
+                            weight[q] += wv;
+                        }
+                    }
+                }
+            }
+            int best = 0;
+            for (int q = 1; q < n; ++q)
+                if (weight[q] > weight[best] || (weight[q] == weight[best] && labels[q] < labels[best])) best = q;
+            row[i] = labels[best];
+        }
+    });
+}
+
+}  // namespace rs
+}  // namespace diffseg
