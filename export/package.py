@@ -69,6 +69,7 @@ def _engine_entry(
 ) -> dict[str, Any]:
     return {
         "path": path.name,
+        "format": "onnx",
         "precision": precision,
         "opset": opset,
         "inputs": {"x": ["batch", in_channels, *patch], "t": ["batch"]},
@@ -169,6 +170,14 @@ def build_package(
                 "torch": torch.__version__,
                 **(provenance or {}),
             },
+        }
+        # The weights for the torch backend (reference runs, GPUs without TensorRT).
+        torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, staging / "denoiser.pt")
+        manifest["files"]["torch"] = {
+            "path": "denoiser.pt",
+            "format": "torch",
+            "precision": "fp32",
+            "sha256": sha256_of(staging / "denoiser.pt"),
         }
         parse_manifest(manifest, "manifest")  # the runtime must accept what we write
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -52,8 +52,9 @@ class EngineFile:
 
     key: str
     path: Path
+    format: str  # "onnx" or "torch" (state dict for the torch backend)
     precision: str
-    opset: int
+    opset: int | None
     sha256: str
 
 
@@ -89,9 +90,9 @@ class ModelPackage:
 
     def engine(self, precision: str) -> EngineFile:
         for f in self.files.values():
-            if f.precision == precision:
+            if f.format == "onnx" and f.precision == precision:
                 return f
-        have = sorted(f.precision for f in self.files.values())
+        have = sorted(f.precision for f in self.files.values() if f.format == "onnx")
         raise ManifestError(f"{self.root}: no engine file at precision {precision!r}; the package has {have}")
 
 
@@ -230,7 +231,9 @@ def load_package(model: str | Path, verify: bool = True) -> ModelPackage:
         digest = _need(entry, "sha256", w, str)
         if verify and sha256_of(fpath) != digest:
             raise ManifestError(f"{w}: sha256 of {fpath.name} does not match the manifest (file altered or corrupt)")
-        files[key] = EngineFile(
-            key, fpath, _need(entry, "precision", w, str), int(_need(entry, "opset", w, int)), digest
-        )
+        fmt = entry.get("format", "onnx")
+        if fmt not in ("onnx", "torch"):
+            raise ManifestError(f"{w}: format must be onnx or torch, got {fmt!r}")
+        opset = int(_need(entry, "opset", w, int)) if fmt == "onnx" else None
+        files[key] = EngineFile(key, fpath, fmt, _need(entry, "precision", w, str), opset, digest)
     return ModelPackage(root, manifest, files)

@@ -1,0 +1,7 @@
+"""Engines behind one small interface: ``get_backend(name, package, ...)`` → ``Backend.run(x, t) -> y``."""
+
+from __future__ import annotations
+
+from .base import BACKENDS, Backend, BackendUnavailableError, available_backends, get_backend, pick_auto
+
+__all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "available_backends", "get_backend", "pick_auto"]

@@ -1,0 +1,158 @@
+"""The backend interface, the registry of backends by name, and the ``auto`` choice.
+
+A backend loads one engine of a model package for a fixed patch, keeps its buffers where its device is, and runs
+``run(x, t) -> y`` with ``x`` float32 ``[B, C, *patch]``, ``t`` float32 ``[B]``, ``y`` float32 ``[B, out, *patch]``.
+A backend or precision that cannot be had raises ``BackendUnavailableError``; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from ..manifest import ModelPackage
+
+__all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "available_backends", "get_backend", "pick_auto"]
+
+logger = logging.getLogger("diffseg")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend, provider, device or precision is not available here; the message says why and how."""
+
+
+class Backend(ABC):
+    """One engine, loaded for a fixed patch size."""
+
+    name: str = ""
+    precisions: tuple[str, ...] = ()
+
+    def __init__(self, package: ModelPackage, precision: str, threads: int | None = None) -> None:
+        if precision not in self.precisions:
+            raise BackendUnavailableError(
+                f"backend {self.name!r} runs precisions {list(self.precisions)}, not {precision!r}"
+            )
+        self.package = package
+        self.precision = precision
+        self.threads = threads
+        m = package.manifest
+        self.in_channels = m.in_channels
+        self.out_channels = m.output_channels
+        self.patch = tuple(m.patch_size)
+        self.device = "cpu"
+
+    @abstractmethod
+    def run(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """One engine call: ``x`` [B, C, *patch] float32, ``t`` [B] float32 → ``y`` [B, out, *patch] float32."""
+
+    def close(self) -> None:
+        """Release the engine (sessions, device memory)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "precision": self.precision, "device": self.device}
+
+    def _check(self, x: np.ndarray, t: np.ndarray) -> None:
+        want = (self.in_channels, *self.patch)
+        if x.ndim != 5 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"x must be [B, {', '.join(map(str, want))}], got {list(x.shape)}")
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must be [B] = [{x.shape[0]}], got {list(t.shape)}")
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# name -> (module, class); modules import their engine library only when loaded.
+BACKENDS: dict[str, tuple[str, str]] = {
+    "onnxruntime": ("ort_backend", "OrtCpuBackend"),
+    "onnxruntime-cuda": ("ort_backend", "OrtCudaBackend"),
+    "onnxruntime-tensorrt": ("ort_backend", "OrtTensorrtBackend"),
+    "openvino": ("openvino_backend", "OpenVinoBackend"),
+    "tensorrt": ("tensorrt_backend", "TensorrtBackend"),
+    "torch": ("torch_backend", "TorchBackend"),
+}
+INSTALL_HINTS = {
+    "onnxruntime": 'pip install "diffseg[cpu]"',
+    "onnxruntime-cuda": 'pip install "diffseg[gpu]" (onnxruntime-gpu, CUDA 12) on a machine with an NVIDIA GPU',
+    "onnxruntime-tensorrt": 'pip install "diffseg[gpu,tensorrt]" on a machine with an NVIDIA GPU',
+    "openvino": 'pip install "diffseg[cpu]"',
+    "tensorrt": 'pip install "diffseg[tensorrt]" on a machine with an NVIDIA GPU',
+    "torch": 'pip install "diffseg[export]"',
+}
+
+
+def _backend_class(name: str) -> type[Backend]:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)} or 'auto', got {name!r}")
+    module, cls = BACKENDS[name]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
+
+
+def available_backends() -> dict[str, str | None]:
+    """Each backend name → None when it can run here, else the reason it cannot."""
+    out: dict[str, str | None] = {}
+    for name in BACKENDS:
+        try:
+            out[name] = _backend_class(name).unavailable_reason()  # type: ignore[attr-defined]
+        except ImportError as exc:
+            out[name] = f"{exc}; {INSTALL_HINTS[name]}"
+    return out
+
+
+# Fastest first. On CPUs with native bf16, OpenVINO bf16 beats fp32 by about 1.7x on the default model
+# (benchmarks/backends.py); onnxruntime's CPU provider is the slowest of the CPU engines for 3D convolutions.
+_AUTO_ORDER = [
+    ("tensorrt", "fp16"),
+    ("onnxruntime-tensorrt", "fp16"),
+    ("onnxruntime-cuda", "fp16"),
+    ("torch", "fp16"),  # only on CUDA
+    ("openvino", "bf16"),
+    ("openvino", "fp32"),
+    ("onnxruntime", "fp32"),
+]
+
+
+def pick_auto(precision: str | None = None) -> tuple[str, str]:
+    """The fastest (backend, precision) available here; with ``precision`` given, the fastest for it."""
+    reasons = available_backends()
+    for name, prec in _AUTO_ORDER:
+        if precision is not None and prec != precision:
+            continue
+        if reasons[name] is not None:
+            continue
+        cls = _backend_class(name)
+        if cls.precision_reason(prec) is None:  # type: ignore[attr-defined]
+            return name, prec
+    raise BackendUnavailableError(
+        f"no backend can run precision {precision or 'any'} here: "
+        + "; ".join(f"{k}: {v}" for k, v in reasons.items() if v)
+    )
+
+
+def get_backend(name: str, package: ModelPackage, precision: str | None = None, threads: int | None = None) -> Backend:
+    """Load ``package`` on backend ``name`` (or ``auto``), at ``precision`` (None: the backend's default).
+
+    Raises:
+        ValueError: unknown backend name.
+        BackendUnavailableError: the backend or precision cannot run here (with the install hint).
+    """
+    if name == "auto":
+        name, auto_precision = pick_auto(precision)
+        precision = precision or auto_precision
+        logger.info("backend auto: picked %s at %s", name, precision)
+    cls = _backend_class(name)
+    reason = cls.unavailable_reason()  # type: ignore[attr-defined]
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {reason}; {INSTALL_HINTS[name]}")
+    precision = precision or cls.precisions[0]
+    why = cls.precision_reason(precision)  # type: ignore[attr-defined]
+    if why is not None:
+        raise BackendUnavailableError(f"backend {name!r} cannot run {precision}: {why}")
+    return cls(package, precision, threads)
