@@ -182,10 +182,8 @@ def _is_sitk_image(obj: object) -> bool:
 def index_affine(source: GridSpec, target: GridSpec) -> tuple[np.ndarray, np.ndarray]:
     """The map from a target index to a source continuous index, both (x, y, z): ``c = M @ o + b``.
 
-    ``M = (D_s S_s)^-1 D_t S_t`` and ``b = (D_s S_s)^-1 (O_t - O_s)``, as SimpleITK composes
-    ``TransformIndexToPhysicalPoint`` and ``TransformPhysicalPointToContinuousIndex``. Entries below 1e-12 of
-    the largest are set to exactly zero, so that equal or flipped directions give a diagonal ``M`` (the kernels'
-    separable path) despite rounding in the inverse.
+    ``M = (D_s S_s)^-1 D_t S_t`` and ``b = (D_s S_s)^-1 (O_t - O_s)``. Entries below 1e-12 of the largest are
+    set to exactly zero, so that equal or flipped directions give a diagonal ``M`` despite rounding.
     """
     inverse = np.linalg.inv(source.index_to_physical)
     m = inverse @ target.index_to_physical
@@ -193,6 +191,25 @@ def index_affine(source: GridSpec, target: GridSpec) -> tuple[np.ndarray, np.nda
     scale = np.abs(m).max()
     m[np.abs(m) <= 1e-12 * scale] = 0.0
     return np.ascontiguousarray(m), np.ascontiguousarray(b)
+
+
+def kernel_geometry(source: GridSpec, target: GridSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+    """What the resampling kernels take: the grids as ITK holds them, and whether the map is separable.
+
+    ``(D_t S_t, O_t, (D_s S_s)^-1, O_s, separable)``; the kernels compose them in ITK's order of operations so
+    that continuous indices, and hence results, match SimpleITK's to the bit on axis-aligned grids. The inverse
+    is numpy's (LU), which is exact for axis-aligned matrices (ITK's SVD inverse gives the same there).
+    ``separable`` says that the map is diagonal (equal or flipped directions): the kernels' fast path.
+    """
+    m, _ = index_affine(source, target)
+    separable = bool(np.count_nonzero(m - np.diag(np.diag(m))) == 0)
+    return (
+        np.ascontiguousarray(target.index_to_physical),
+        np.asarray(target.origin, dtype=np.float64),
+        np.ascontiguousarray(np.linalg.inv(source.index_to_physical)),
+        np.asarray(source.origin, dtype=np.float64),
+        separable,
+    )
 
 
 def volume_array(value: object, name: str) -> np.ndarray:

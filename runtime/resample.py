@@ -16,7 +16,7 @@ Modes:
   pass). Integer or boolean dtypes, same dtype out.
 
 Geometry: the source continuous index of each target voxel is one affine map of its index (see
-:func:`~diffseg.runtime.kernels.index_affine`); equal or flipped directions take the kernels' fast separable
+:func:`~diffseg.runtime.kernels.kernel_geometry`); equal or flipped directions take the kernels' fast separable
 path, any other relation (oblique, permuted axes) the general 8-tap path. Target grids may be larger or smaller
 than the source; no part of the source needs to overlap.
 """
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .kernels import GridSpec, check_out, extension, index_affine, threads_arg, volume_array
+from .kernels import GridSpec, check_out, extension, kernel_geometry, threads_arg, volume_array
 from .volume import Volume
 
 if TYPE_CHECKING:
@@ -126,15 +126,15 @@ def resample_array(
     check_out(out, dst.shape, out_dtype)
     if out is None:
         out = np.empty(dst.shape, out_dtype)
-    matrix, offset = index_affine(src, dst)
+    geometry = kernel_geometry(src, dst)
     ext = extension()
     nthreads = threads_arg(threads)
     if mode == "linear":
-        ext.resample_linear(array, out, matrix, offset, float(fill[0]), nthreads)
+        ext.resample_linear(array, out, geometry, float(fill[0]), nthreads)
     elif mode == "nearest":
-        ext.resample_nearest(array, out, matrix, offset, fill, nthreads)
+        ext.resample_nearest(array, out, geometry, fill, nthreads)
     else:
-        ext.resample_label_vote(array, out, matrix, offset, fill, nthreads)
+        ext.resample_label_vote(array, out, geometry, fill, nthreads)
     return out
 
 

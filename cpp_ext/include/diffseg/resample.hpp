@@ -1,8 +1,12 @@
 // Resampling of a 3D image onto another grid, with SimpleITK's geometry and interpolation rules.
 //
-// Geometry: the caller gives the index-space affine c = M·o + b that maps an output index o = (i, j, k)
-// (x, y, z order) to a continuous input index c (x, y, z order); for SimpleITK grids that is
-// M = (D_in S_in)^-1 D_out S_out and b = (D_in S_in)^-1 (O_out - O_in). Arrays are C-ordered [z, y, x].
+// Geometry: the caller gives both grids as ITK holds them: the output's index-to-physical matrix D_out·S_out
+// and origin, and the input's physical-to-index matrix (D_in·S_in)^-1 and origin. The continuous input index
+// of an output voxel is computed exactly as itk::ResampleImageFilter (ITK 5.4) does, operation for operation:
+// per output row, c_start and c_end are the indices of x = 0 and x = size (physical point = origin + sum of
+// column terms, then (D_in S_in)^-1 (p - O_in)), and voxel i gets c_start + (i / size)·(c_end - c_start). With
+// the same interpolation arithmetic, results equal SimpleITK's to the bit for axis-aligned grids; for oblique
+// ones the inverse matrix (ITK: SVD, ours: LU) may differ in its last bit. Arrays are C-ordered [z, y, x].
 //
 // Rules (as itk::ResampleImageFilter with LinearInterpolateImageFunction / NearestNeighborInterpolateImage-
 // Function and no extrapolator):
@@ -42,13 +46,40 @@ struct Shape {
     std::int64_t n(int axis_xyz) const { return axis_xyz == 0 ? nx : (axis_xyz == 1 ? ny : nz); }
 };
 
-// c = m · o + b, all in x, y, z order; m is row-major.
-struct Affine {
-    double m[3][3];
-    double b[3];
-    bool diagonal() const {
-        return m[0][1] == 0.0 && m[0][2] == 0.0 && m[1][0] == 0.0 && m[1][2] == 0.0 && m[2][0] == 0.0 &&
-               m[2][1] == 0.0;
+// The index map of two grids (x, y, z order; matrices row-major), with ITK's order of operations.
+struct IndexMap {
+    double i2p[3][3];  // output index -> physical: D_out * diag(S_out)
+    double o_out[3];   // output origin
+    double p2i[3][3];  // physical -> input index: (D_in * diag(S_in))^-1
+    double o_in[3];    // input origin
+    bool separable;    // the composition p2i * i2p is diagonal (equal or flipped directions)
+
+    // Continuous input index of output index (ix, iy, iz), as ImageBase::TransformIndexToPhysicalPoint and
+    // TransformPhysicalPointToContinuousIndex compute it.
+    void map(double ix, double iy, double iz, double c[3]) const {
+        double p[3];
+        for (int r = 0; r < 3; ++r) {
+            double v = o_out[r];
+            v += i2p[r][0] * ix;
+            v += i2p[r][1] * iy;
+            v += i2p[r][2] * iz;
+            p[r] = v - o_in[r];
+        }
+        for (int r = 0; r < 3; ++r) {
+            double v = 0.0;
+            v += p2i[r][0] * p[0];
+            v += p2i[r][1] * p[1];
+            v += p2i[r][2] * p[2];
+            c[r] = v;
+        }
+    }
+
+    // Start index and step vector of output row (j, k): voxel i maps to start + (i / nx) * vec.
+    void row(std::int64_t j, std::int64_t k, std::int64_t nx, double start[3], double vec[3]) const {
+        double end[3];
+        map(0.0, static_cast<double>(j), static_cast<double>(k), start);
+        map(static_cast<double>(nx), static_cast<double>(j), static_cast<double>(k), end);
+        for (int r = 0; r < 3; ++r) vec[r] = end[r] - start[r];
     }
 };
 
@@ -82,8 +113,10 @@ struct AxisTable {
     std::vector<double> w;
 };
 
-// Table for output axis of n_out samples at c = scale * o + offset over an input axis of n_in samples.
-inline AxisTable make_axis_table(double scale, double offset, std::int64_t n_out, std::int64_t n_in) {
+// Table for an output axis whose samples have continuous input indices c(o), o = 0..n_out-1, over an input axis
+// of n_in samples. c must be monotone in o (it is, for any index map).
+template <class C>
+inline AxisTable make_axis_table(std::int64_t n_out, std::int64_t n_in, C&& c_of) {
     AxisTable t;
     t.i0.assign(static_cast<std::size_t>(n_out), 0);
     t.i1.assign(static_cast<std::size_t>(n_out), 0);
@@ -91,7 +124,7 @@ inline AxisTable make_axis_table(double scale, double offset, std::int64_t n_out
     t.w.assign(static_cast<std::size_t>(n_out), 0.0);
     std::int64_t lo = -1, hi = -1;
     for (std::int64_t o = 0; o < n_out; ++o) {
-        const double c = offset + scale * static_cast<double>(o);
+        const double c = c_of(o);
         if (!inside_axis(c, n_in)) continue;
         if (lo < 0) lo = o;
         hi = o + 1;
@@ -101,9 +134,33 @@ inline AxisTable make_axis_table(double scale, double offset, std::int64_t n_out
         t.w[o] = tap.w;
         t.nearest[o] = static_cast<std::int32_t>(std::min<std::int64_t>(nearest_index(c), n_in - 1));
     }
-    // c is monotone in o, so the inside samples form one interval.
     t.lo = lo < 0 ? 0 : lo;
     t.hi = lo < 0 ? 0 : hi;
+    return t;
+}
+
+// The three tables of a separable map: x from the row start/step of row (0, 0) (ITK's scanline formula), y and
+// z from the start of rows (j, 0) and (0, k). Exact when both matrices are diagonal (axis-aligned grids).
+struct SeparableTables {
+    AxisTable x, y, z;
+};
+
+inline SeparableTables make_tables(const IndexMap& map, Shape in, Shape os) {
+    double start[3], vec[3];
+    map.row(0, 0, os.nx, start, vec);
+    const double nx = static_cast<double>(os.nx);
+    SeparableTables t;
+    t.x = make_axis_table(os.nx, in.nx, [&](std::int64_t i) { return start[0] + (static_cast<double>(i) / nx) * vec[0]; });
+    t.y = make_axis_table(os.ny, in.ny, [&](std::int64_t j) {
+        double c[3];
+        map.map(0.0, static_cast<double>(j), 0.0, c);
+        return c[1];
+    });
+    t.z = make_axis_table(os.nz, in.nz, [&](std::int64_t k) {
+        double c[3];
+        map.map(0.0, 0.0, static_cast<double>(k), c);
+        return c[2];
+    });
     return t;
 }
 
@@ -162,11 +219,13 @@ inline void lerp_rows_to_float(const double* a, const double* b, double w, std::
 }
 
 template <class Tin>
-void linear_separable(const Tin* src, Shape in, float* out, Shape os, const Affine& A, float fill, int threads) {
+void linear_separable(const Tin* src, Shape in, float* out, Shape os, const IndexMap& map, float fill,
+                      int threads) {
     check_shapes(in, os);
-    const AxisTable tx = make_axis_table(A.m[0][0], A.b[0], os.nx, in.nx);
-    const AxisTable ty = make_axis_table(A.m[1][1], A.b[1], os.ny, in.ny);
-    const AxisTable tz = make_axis_table(A.m[2][2], A.b[2], os.nz, in.nz);
+    const SeparableTables tables = make_tables(map, in, os);
+    const AxisTable& tx = tables.x;
+    const AxisTable& ty = tables.y;
+    const AxisTable& tz = tables.z;
     const std::int64_t nxv = tx.hi - tx.lo;
     // Rows per block: ring (2 slices) + x rows of a block in ~512 KiB of doubles.
     std::int64_t block = nxv > 0 ? std::max<std::int64_t>(4, (512 * 1024 / 8) / (4 * nxv)) : os.ny;
@@ -178,7 +237,8 @@ void linear_separable(const Tin* src, Shape in, float* out, Shape os, const Affi
         ws->ring.resize(nt);
         ws->xrows.resize(nt);
     }
-    const double scale_y = std::fabs(A.m[1][1]);
+    // Input rows one block of output rows reads: about |dc_y/dj| per output row.
+    const double scale_y = os.ny > 1 ? std::fabs(static_cast<double>(ty.i0[os.ny - 1]) - ty.i0[0]) / (os.ny - 1) : 1.0;
     const std::int64_t max_xrows = std::min<std::int64_t>(
         in.ny, static_cast<std::int64_t>(std::ceil(scale_y * static_cast<double>(block))) + 3);
 
@@ -265,22 +325,28 @@ void linear_separable(const Tin* src, Shape in, float* out, Shape os, const Affi
 
 // ------------------------------------------------------------------------------------- general (any affine)
 
-// Calls f(k, j, row_out, cx0, cy0, cz0) for every output row, with the continuous input index of voxel i = 0;
-// the index of voxel i is (cx0, cy0, cz0) + i * (m[0][0], m[1][0], m[2][0]).
+// Calls f(r, start, vec) for every output row r = k * ny + j: voxel i of the row maps to the continuous input
+// index start + (i / nx) * vec (ITK's scanline formula).
 template <class F>
-void for_each_output_row(Shape os, const Affine& A, int threads, F&& f) {
+void for_each_output_row(Shape os, const IndexMap& map, int threads, F&& f) {
     const std::int64_t rows = os.nz * os.ny;
     const int nt = resolve_threads(threads, rows);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nt) schedule(static)
 #endif
     for (std::int64_t r = 0; r < rows; ++r) {
-        const double k = static_cast<double>(r / os.ny), j = static_cast<double>(r % os.ny);
-        const double c0[3] = {A.m[0][1] * j + A.m[0][2] * k + A.b[0], A.m[1][1] * j + A.m[1][2] * k + A.b[1],
-                              A.m[2][1] * j + A.m[2][2] * k + A.b[2]};
-        f(r, c0);
+        double start[3], vec[3];
+        map.row(r % os.ny, r / os.ny, os.nx, start, vec);
+        f(r, start, vec);
     }
 }
+
+// Continuous index of voxel i of a row.
+#define DIFFSEG_ROW_INDEX                                                   \
+    const double alpha = static_cast<double>(i) / static_cast<double>(os.nx); \
+    const double cx = start[0] + alpha * vec[0];                            \
+    const double cy = start[1] + alpha * vec[1];                            \
+    const double cz = start[2] + alpha * vec[2];
 
 template <class Tin>
 inline double linear_at(const Tin* src, Shape in, double cx, double cy, double cz) {
@@ -301,14 +367,12 @@ inline double linear_at(const Tin* src, Shape in, double cx, double cy, double c
 }
 
 template <class Tin>
-void linear_general(const Tin* src, Shape in, float* out, Shape os, const Affine& A, float fill, int threads) {
+void linear_general(const Tin* src, Shape in, float* out, Shape os, const IndexMap& map, float fill, int threads) {
     check_shapes(in, os);
-    const double d[3] = {A.m[0][0], A.m[1][0], A.m[2][0]};
-    for_each_output_row(os, A, threads, [&](std::int64_t r, const double* c0) {
+    for_each_output_row(os, map, threads, [&](std::int64_t r, const double* start, const double* vec) {
         float* row = out + r * os.nx;
         for (std::int64_t i = 0; i < os.nx; ++i) {
-            const double fi = static_cast<double>(i);
-            const double cx = c0[0] + fi * d[0], cy = c0[1] + fi * d[1], cz = c0[2] + fi * d[2];
+            DIFFSEG_ROW_INDEX
             if (inside_axis(cx, in.nx) && inside_axis(cy, in.ny) && inside_axis(cz, in.nz))
                 row[i] = static_cast<float>(linear_at(src, in, cx, cy, cz));
             else
@@ -318,32 +382,33 @@ void linear_general(const Tin* src, Shape in, float* out, Shape os, const Affine
 }
 
 template <class Tin>
-void linear(const Tin* src, Shape in, float* out, Shape os, const Affine& A, float fill, int threads) {
+void linear(const Tin* src, Shape in, float* out, Shape os, const IndexMap& map, float fill, int threads) {
     if (os.voxels() == 0) return;
     if (in.voxels() == 0) {
         fill_n(out, os.voxels(), fill);
         return;
     }
-    if (A.diagonal())
-        linear_separable<Tin>(src, in, out, os, A, fill, threads);
+    if (map.separable)
+        linear_separable<Tin>(src, in, out, os, map, fill, threads);
     else
-        linear_general<Tin>(src, in, out, os, A, fill, threads);
+        linear_general<Tin>(src, in, out, os, map, fill, threads);
 }
 
 // ------------------------------------------------------------------------------------- nearest
 
 template <class T>
-void nearest(const T* src, Shape in, T* out, Shape os, const Affine& A, T fill, int threads) {
+void nearest(const T* src, Shape in, T* out, Shape os, const IndexMap& map, T fill, int threads) {
     check_shapes(in, os);
     if (os.voxels() == 0) return;
     if (in.voxels() == 0) {
         fill_n(out, os.voxels(), fill);
         return;
     }
-    if (A.diagonal()) {
-        const AxisTable tx = make_axis_table(A.m[0][0], A.b[0], os.nx, in.nx);
-        const AxisTable ty = make_axis_table(A.m[1][1], A.b[1], os.ny, in.ny);
-        const AxisTable tz = make_axis_table(A.m[2][2], A.b[2], os.nz, in.nz);
+    if (map.separable) {
+        const SeparableTables tables = make_tables(map, in, os);
+        const AxisTable& tx = tables.x;
+        const AxisTable& ty = tables.y;
+        const AxisTable& tz = tables.z;
         // A unit-step x table is a plain copy.
         bool contiguous = tx.hi > tx.lo;
         for (std::int64_t i = tx.lo + 1; i < tx.hi && contiguous; ++i)
@@ -372,12 +437,10 @@ void nearest(const T* src, Shape in, T* out, Shape os, const Affine& A, T fill, 
         }
         return;
     }
-    const double d[3] = {A.m[0][0], A.m[1][0], A.m[2][0]};
-    for_each_output_row(os, A, threads, [&](std::int64_t r, const double* c0) {
+    for_each_output_row(os, map, threads, [&](std::int64_t r, const double* start, const double* vec) {
         T* row = out + r * os.nx;
         for (std::int64_t i = 0; i < os.nx; ++i) {
-            const double fi = static_cast<double>(i);
-            const double cx = c0[0] + fi * d[0], cy = c0[1] + fi * d[1], cz = c0[2] + fi * d[2];
+            DIFFSEG_ROW_INDEX
             if (inside_axis(cx, in.nx) && inside_axis(cy, in.ny) && inside_axis(cz, in.nz)) {
                 const std::int64_t x = std::min(nearest_index(cx), in.nx - 1);
                 const std::int64_t y = std::min(nearest_index(cy), in.ny - 1);
@@ -393,19 +456,17 @@ void nearest(const T* src, Shape in, T* out, Shape os, const Affine& A, T fill, 
 // ------------------------------------------------------------------------------------- label vote
 
 template <class T>
-void label_vote(const T* src, Shape in, T* out, Shape os, const Affine& A, T fill, int threads) {
+void label_vote(const T* src, Shape in, T* out, Shape os, const IndexMap& map, T fill, int threads) {
     check_shapes(in, os);
     if (os.voxels() == 0) return;
     if (in.voxels() == 0) {
         fill_n(out, os.voxels(), fill);
         return;
     }
-    const double d[3] = {A.m[0][0], A.m[1][0], A.m[2][0]};
-    for_each_output_row(os, A, threads, [&](std::int64_t r, const double* c0) {
+    for_each_output_row(os, map, threads, [&](std::int64_t r, const double* start, const double* vec) {
         T* row = out + r * os.nx;
         for (std::int64_t i = 0; i < os.nx; ++i) {
-            const double fi = static_cast<double>(i);
-            const double cx = c0[0] + fi * d[0], cy = c0[1] + fi * d[1], cz = c0[2] + fi * d[2];
+            DIFFSEG_ROW_INDEX
             if (!(inside_axis(cx, in.nx) && inside_axis(cy, in.ny) && inside_axis(cz, in.nz))) {
                 row[i] = fill;
                 continue;
@@ -445,6 +506,8 @@ void label_vote(const T* src, Shape in, T* out, Shape os, const Affine& A, T fil
         }
     });
 }
+
+#undef DIFFSEG_ROW_INDEX
 
 }  // namespace rs
 }  // namespace diffseg
