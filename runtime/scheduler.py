@@ -164,7 +164,8 @@ class SamplerOptions:
             and MONAI) or ``recompute`` (ε re-derived from the clipped x0, as guided-diffusion
             ``ddim_sample``).
         num_samples: ensemble members K, run together in the batch dimension.
-        channel_order: ``image_first`` (``[image..., x_t]``) or ``noisy_first`` (``[x_t, image...]``).
+        channel_order: ``image_first`` (``[image..., x_t]``) or ``noisy_first`` (``[x_t, image...]``); the
+            manifest's ``image-first``/``noisy-first`` are accepted and stored with an underscore.
         seed: seed of the case's ``np.random.Generator``.
     """
 
@@ -189,6 +190,7 @@ class SamplerOptions:
         _check_choice("eps_convention", self.eps_convention, EPS_CONVENTIONS)
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ValueError(f"num_samples must be an int >= 1, got {self.num_samples!r}")
+        object.__setattr__(self, "channel_order", str(self.channel_order).replace("-", "_"))  # manifest: image-first
         _check_choice("channel_order", self.channel_order, CHANNEL_ORDERS)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
@@ -267,6 +269,12 @@ def timestep_pairs(num_train_timesteps: int, steps: int, spacing: str, steps_off
     if grid.size != steps or np.any(np.diff(grid) >= 0) or grid[0] >= t_total:
         raise ValueError(f"the {spacing!r} grid for steps={steps}, T={t_total} is degenerate: {grid.tolist()}")
     return np.stack([grid, np.append(grid[1:], -1)], axis=1)
+
+
+def _clip(a: np.ndarray, bound: float) -> None:
+    """In-place clip to [−bound, bound] (two ufunc calls: np.clip's Python wrapper costs more per small chunk)."""
+    np.minimum(a, bound, out=a)
+    np.maximum(a, -bound, out=a)
 
 
 def _flat(a: np.ndarray, name: str) -> np.ndarray:
@@ -521,7 +529,7 @@ class Scheduler:
         eps = cls._x0_and_eps(c, out, xt, x0, eps_buf, not (c["recompute"] and c["clip"] is not None))
         # 2. clip x0; guided-diffusion then re-derives ε from the clipped x0, diffusers/MONAI keep the raw ε
         if c["clip"] is not None:
-            np.clip(x0, -c["clip"], c["clip"], out=x0)
+            _clip(x0, c["clip"])
             if c["recompute"]:
                 np.multiply(x0, -c["sqrt_ab"], out=eps_buf)
                 eps_buf += xt
@@ -547,7 +555,7 @@ class Scheduler:
         # 1. predicted x0 (eq. 15), clipped
         cls._x0_and_eps(c, out, xt, x0, eps_buf, False)
         if c["clip"] is not None:
-            np.clip(x0, -c["clip"], c["clip"], out=x0)
+            _clip(x0, c["clip"])
         # 2. posterior mean μ̃_t(x_t, x̂0) (eq. 7); x_t is read before x_prev is written (they may alias)
         np.multiply(xt, c["c_xt"], out=scratch)
         np.multiply(x0, c["c_x0"], out=x_prev)

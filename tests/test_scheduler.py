@@ -349,6 +349,7 @@ def test_config_from_manifest_dict():
     }
     config = SchedulerConfig.from_dict(manifest)
     assert config.beta_schedule == "squaredcos_cap_v2" and config.prediction_type == "v_prediction"
+    assert SamplerOptions(channel_order="noisy-first").channel_order == "noisy_first"
 
 
 @pytest.mark.parametrize(
