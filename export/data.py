@@ -13,8 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from diffseg.runtime.kernels import GridSpec
 from diffseg.runtime.phantom import Phantom, PhantomOptions, make_phantom
-from diffseg.runtime.preprocess import GridSpec, Normalisation, model_grid_for, normalise
+from diffseg.runtime.preprocess import Normalisation, model_grid_for, normalise
 from diffseg.runtime.volume import Volume
 
 __all__ = ["Case", "PatchSampler", "axis_aligned_linear", "phantom_case"]

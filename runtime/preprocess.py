@@ -13,13 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .kernels import GridSpec
 from .volume import Volume
 
 __all__ = [
-    "GridSpec",
     "ModelInput",
     "Normalisation",
-    "grid_of",
     "model_grid_for",
     "normalise",
     "prepare_input",
@@ -27,30 +26,6 @@ __all__ = [
 ]
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-
-
-@dataclass(frozen=True)
-class GridSpec:
-    """A voxel grid without data: size (x, y, z), spacing, origin (centre of voxel 0), direction (SimpleITK order)."""
-
-    size_xyz: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    direction: tuple[float, ...] = IDENTITY
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """Array shape ``(z, y, x)``."""
-        return (self.size_xyz[2], self.size_xyz[1], self.size_xyz[0])
-
-    def volume(self, array: np.ndarray) -> Volume:
-        if array.shape != self.shape:
-            raise ValueError(f"array shape {array.shape} does not match the grid {self.shape}")
-        return Volume(array, self.spacing, self.origin, self.direction)
-
-
-def grid_of(volume: Volume) -> GridSpec:
-    return GridSpec(volume.size_xyz, volume.spacing, volume.origin, volume.direction)
 
 
 @dataclass(frozen=True)
@@ -100,9 +75,9 @@ def model_grid_for(ct: Volume, spacing_mm: float) -> GridSpec:
 
 def resample_to(volume: Volume, grid: GridSpec, mode: str, default: float = 0.0) -> Volume:
     """Resample ``volume`` onto ``grid`` in physical space (``linear`` → float32, ``nearest`` keeps the dtype)."""
-    from .kernels import resample
+    from .resample import resample
 
-    return resample(volume, grid, mode=mode, default=default)
+    return resample(volume, grid, mode=mode, default=default)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
