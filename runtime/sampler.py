@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .scheduler import SamplerOptions, Scheduler, SchedulerConfig
+from .scheduler import SamplerOptions, Scheduler, SchedulerConfig, thread_map
 from .sliding_window import SlidingWindow, WindowOptions
 
 __all__ = [
@@ -177,10 +177,17 @@ class _Setup:
         probabilities *= 0.5
         np.clip(probabilities, 0.0, 1.0, out=probabilities)
         mean = probabilities.mean(axis=0, dtype=np.float32)
+        var = np.zeros_like(mean)  # population variance, one sample at a time (no [K, *volume] temporaries)
+        diff = np.empty_like(mean)
+        for p in probabilities:
+            np.subtract(p, mean, out=diff)
+            diff *= diff
+            var += diff
+        var *= 1.0 / len(probabilities)
         result = SampleResult(
             probabilities=probabilities,
             mean=mean,
-            std=probabilities.std(axis=0, dtype=np.float32),
+            std=np.sqrt(var, out=var),
             entropy=binary_entropy(mean),
             timesteps=self.pairs,
             windows=self.sw.num_windows,
@@ -241,45 +248,67 @@ def sample_step_major(
     batches = [tasks[b : b + wopt.batch_size] for b in range(0, len(tasks), wopt.batch_size)]
     # Engine inputs: the image channels are written once per (window, sample) when the cache fits, else per call.
     cached = len(tasks) * s.in_channels * int(np.prod(patch)) * 4 <= wopt.input_cache_mb * 2**20
-    buffers = []
-    for batch in batches if cached else batches[:1]:
-        buf = np.empty((len(batch), s.in_channels, *patch), np.float32)
-        if cached:
-            for j, (w, _) in enumerate(batch):
-                buf[j, s.img_ch] = s.image_window(w)
-        buffers.append(buf)
+    buffers = [np.empty((len(batch), s.in_channels, *patch), np.float32) for batch in (batches if cached else [])]
+    if not cached:
+        buffers.append(np.empty((min(wopt.batch_size, len(tasks)), s.in_channels, *patch), np.float32))
+    threads = s.scheduler.threads
+    if cached:
+
+        def fill_image(job: tuple[np.ndarray, int, int]) -> None:
+            buf, j, w = job
+            buf[j, s.img_ch] = s.image_window(w)
+
+        jobs = [(buf, j, w) for buf, batch in zip(buffers, batches, strict=True) for j, (w, _) in enumerate(batch)]
+        thread_map(fill_image, jobs, threads)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("step-major: %r, %d engine calls per step, inputs cached: %s", sw, len(batches), cached)
     acc = np.empty_like(x)  # blended prediction channel
     acc_var = np.empty_like(x) if s.var is not None else None
     x0 = np.empty_like(x)
-    noise = np.zeros_like(x)
-    noise_view = noise[(slice(None), *sw.interior)] if sw.needs_padding else noise
+    noisy = any(s.scheduler.needs_noise(t, t_prev) for t, t_prev in s.pairs.tolist())
+    noise = np.zeros_like(x) if noisy else x[:0]
+    noise_view = noise[(slice(None), *sw.interior)] if sw.needs_padding and noisy else noise
     skip_weight = sw.weight_sum_of(~s.active) if s.ids.size < sw.num_windows else None
-    product = np.empty(patch, np.float32)
-    for t, t_prev in s.pairs.tolist():
+    # Work on the global arrays is split by sample: sample i's accumulator is only ever touched by one thread at a
+    # time, and each voxel is summed in the same order whatever the thread count (bit-identical results).
+    products = [np.empty(patch, np.float32) for _ in range(k)]
+
+    def reset(i: int, t: int) -> None:
         if skip_weight is None:
-            acc.fill(0.0)
+            acc[i].fill(0.0)
         else:  # skipped windows predict background: the output consistent with x0 = -1
-            s.scheduler.output_for_x0(-1.0, x, t, out=acc)
-            acc *= skip_weight
+            s.scheduler.output_for_x0(-1.0, x[i], t, out=acc[i])
+            acc[i] *= skip_weight
         if acc_var is not None:
-            acc_var.fill(0.0)
+            acc_var[i].fill(0.0)
+
+    def gather(buf: np.ndarray, j: int, w: int, i: int) -> None:
+        if not cached:
+            buf[j, s.img_ch] = s.image_window(w)
+        buf[j, s.noisy] = x[(i, *sw.slices[w])]
+
+    def accumulate(i: int, batch: list[tuple[int, int]], y: np.ndarray) -> None:
+        for j, (w, sample) in enumerate(batch):
+            if sample != i:
+                continue
+            for channel, target in ((s.pred, acc), (s.var, acc_var)):
+                if target is not None:
+                    np.multiply(y[j, channel], sw.weight, out=products[i])
+                    target[(i, *sw.slices[w])] += products[i]
+
+    def normalise(i: int) -> None:
+        acc[i] *= sw.inv_weight_sum
+        if acc_var is not None:
+            acc_var[i] *= sw.inv_weight_sum
+
+    for t, t_prev in s.pairs.tolist():
+        thread_map(lambda i, t=t: reset(i, t), range(k), threads)
         for b, batch in enumerate(batches):
             buf = buffers[b] if cached else buffers[0][: len(batch)]
-            for j, (w, i) in enumerate(batch):
-                if not cached:
-                    buf[j, s.img_ch] = s.image_window(w)
-                buf[j, s.noisy] = x[(i, *sw.slices[w])]
+            thread_map(lambda job, buf=buf: gather(buf, *job), [(j, w, i) for j, (w, i) in enumerate(batch)], threads)
             y = s.engine(buf, t)
-            for j, (w, i) in enumerate(batch):
-                for channel, target in ((s.pred, acc), (s.var, acc_var)):
-                    if target is not None:
-                        np.multiply(y[j, channel], sw.weight, out=product)
-                        target[(i, *sw.slices[w])] += product
-        acc *= sw.inv_weight_sum
-        if acc_var is not None:
-            acc_var *= sw.inv_weight_sum
+            thread_map(lambda i, batch=batch, y=y: accumulate(i, batch, y), sorted({i for _, i in batch}), threads)
+        thread_map(normalise, range(k), threads)
         z = None
         if s.scheduler.needs_noise(t, t_prev):  # draw 2
             z = noise

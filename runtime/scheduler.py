@@ -16,7 +16,9 @@ cancellation in x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ at large t), then rounds 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -34,6 +36,7 @@ __all__ = [
     "SchedulerConfig",
     "make_alphas_cumprod",
     "make_betas",
+    "thread_map",
     "timestep_pairs",
 ]
 
@@ -167,6 +170,8 @@ class SamplerOptions:
         channel_order: ``image_first`` (``[image..., x_t]``) or ``noisy_first`` (``[x_t, image...]``); the
             manifest's ``image-first``/``noisy-first`` are accepted and stored with an underscore.
         seed: seed of the case's ``np.random.Generator``.
+        threads: threads for the numpy work between engine calls (0 = min(8, CPU count)); results do not depend
+            on it.
     """
 
     sampler: str = "ddim"
@@ -177,6 +182,7 @@ class SamplerOptions:
     num_samples: int = 5
     channel_order: str = "image_first"
     seed: int = 0
+    threads: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("sampler", self.sampler, SAMPLERS)
@@ -194,6 +200,13 @@ class SamplerOptions:
         _check_choice("channel_order", self.channel_order, CHANNEL_ORDERS)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads must be an int >= 0 (0 = automatic), got {self.threads!r}")
+
+    @property
+    def num_threads(self) -> int:
+        """Threads for the numpy work between engine calls: ``threads``, or min(8, CPU count) when 0."""
+        return self.threads or min(8, os.cpu_count() or 1)
 
 
 def _alpha_bar_cosine(t: float) -> float:
@@ -271,6 +284,29 @@ def timestep_pairs(num_train_timesteps: int, steps: int, spacing: str, steps_off
     return np.stack([grid, np.append(grid[1:], -1)], axis=1)
 
 
+_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
+
+
+def thread_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> list[Any]:
+    """``[fn(item) for item in items]`` on a shared pool of ``threads`` threads (inline when 1 thread or 1 item).
+
+    Args:
+        fn: the work for one item; items must touch disjoint memory.
+        items: the work items.
+        threads: pool size.
+
+    Returns:
+        The results in item order.
+    """
+    items = list(items)
+    if threads <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    pool = _EXECUTORS.get(threads)
+    if pool is None:
+        pool = _EXECUTORS.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="diffseg-numpy"))
+    return list(pool.map(fn, items))
+
+
 def _clip(a: np.ndarray, bound: float) -> None:
     """In-place clip to [−bound, bound] (two ufunc calls: np.clip's Python wrapper costs more per small chunk)."""
     np.minimum(a, bound, out=a)
@@ -298,6 +334,7 @@ class Scheduler:
         self.options = options or SamplerOptions()
         self.alphas_cumprod = make_alphas_cumprod(config)
         self.final_alpha_cumprod = 1.0 if config.set_alpha_to_one else float(self.alphas_cumprod[0])
+        self.threads = self.options.num_threads
 
     def __repr__(self) -> str:
         c, o = self.config, self.options
@@ -440,16 +477,23 @@ class Scheduler:
         coef["noise"] = want_noise
         # Each chunk is widened to float64 in cache-sized buffers: x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ cancels two terms
         # ~1/√ᾱ (≈ 160 at t = 999) times larger than the result, too much for float32 arithmetic at 1e-5.
+        # Chunks are independent: deal them out to the threads (numpy releases the GIL in the ufunc loops).
         size = min(_CHUNK, x_t.size)
-        work = {name: np.empty(size) for name in (*flat, "x_prev", "x0", "eps", "scratch")}
-        for start in range(0, x_t.size, _CHUNK):
-            s = slice(start, min(start + _CHUNK, x_t.size))
-            w = {name: buf[: s.stop - s.start] for name, buf in work.items()}
-            for name, a in flat.items():
-                w[name][...] = a[s]
-            kernel(coef, w, w["x_prev"], w["x0"], w["eps"], w["scratch"])
-            f_prev[s] = w["x_prev"]
-            f_x0[s] = w["x0"]
+        starts = list(range(0, x_t.size, _CHUNK))
+        runs = [starts[i :: self.threads] for i in range(min(self.threads, len(starts)))]
+
+        def work_on(run: list[int]) -> None:
+            work = {name: np.empty(size) for name in (*flat, "x_prev", "x0", "eps", "scratch")}
+            for start in run:
+                s = slice(start, min(start + _CHUNK, x_t.size))
+                w = {name: buf[: s.stop - s.start] for name, buf in work.items()}
+                for name, a in flat.items():
+                    w[name][...] = a[s]
+                kernel(coef, w, w["x_prev"], w["x0"], w["eps"], w["scratch"])
+                f_prev[s] = w["x_prev"]
+                f_x0[s] = w["x0"]
+
+        thread_map(work_on, runs, self.threads)
         return x_prev, x0
 
     # -- coefficients and chunk kernels (float64, on cache-sized chunks) --------------------------------------

@@ -214,12 +214,18 @@ def test_skipping_empty_windows_gives_the_same_mask(loop):
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_determinism_and_batch_size_independence(loop):
-    # Reference: the first run (bit-exact): same seed, other batch sizes and no input cache give the same arrays.
+    # Reference: the first run (bit-exact): same seed, other batch sizes, no input cache and other thread counts give
+    # the same arrays.
     _, image = make_case()
-    options = SamplerOptions(steps=4, eta=0.8, num_samples=3, seed=5)
     runs = [
-        loop(image, toy, SchedulerConfig(), options, WindowOptions(patch_size=PATCH, batch_size=b, input_cache_mb=c))
-        for b, c in [(4, 1024), (1, 1024), (7, 0)]
+        loop(
+            image,
+            toy,
+            SchedulerConfig(),
+            SamplerOptions(steps=4, eta=0.8, num_samples=3, seed=5, threads=threads),
+            WindowOptions(patch_size=PATCH, batch_size=b, input_cache_mb=c),
+        )
+        for b, c, threads in [(4, 1024, 1), (1, 1024, 3), (7, 0, 2)]
     ]
     for other in runs[1:]:
         np.testing.assert_array_equal(other.probabilities, runs[0].probabilities)

@@ -288,6 +288,21 @@ def test_in_place_step_equals_out_of_place(sampler):
     np.testing.assert_array_equal(x0, want[1])
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_threads_give_identical_steps(sampler):
+    # Reference: the single-threaded step (bit-exact); SHAPE spans several chunks, dealt out to 1 vs 4 threads.
+    config = SchedulerConfig(variance_type="learned_range", output_channels=2)
+    x, out, z, v = randn(1), randn(2), randn(3), np.tanh(randn(4))
+    steps = [
+        Scheduler(config, SamplerOptions(sampler=sampler, eta=0.0, threads=n)).step(
+            out, x, 800, 700, noise=z, variance_output=v
+        )
+        for n in (1, 4)
+    ]
+    for a, b in zip(*steps, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("pred", PREDICTION_TYPES)
 def test_output_for_x0_round_trips(pred):
     # Reference: the x0 given; the step's predicted x0 must return it. Tolerance: 1e-6 plus the float32
@@ -362,6 +377,7 @@ def test_config_from_manifest_dict():
         ({"eps_convention": "clipped"}, "eps_convention"),
         ({"channel_order": "last"}, "channel_order"),
         ({"num_samples": 0}, "num_samples"),
+        ({"threads": -1}, "threads"),
     ],
 )
 def test_sampler_options_errors(kwargs, message):
