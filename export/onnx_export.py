@@ -110,6 +110,21 @@ def _nodes_independent_of(model: onnx.ModelProto, input_name: str) -> list[str]:
     return names
 
 
+def _float32_outputs(model: onnx.ModelProto) -> None:
+    """Make every graph output float32: the converter can leave a final Cast to fp16 even with keep_io_types."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for out in model.graph.output:
+        if out.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16:
+            continue
+        node = producers[out.name]
+        if node.op_type != "Cast":
+            raise ExportError(f"fp16 output {out.name} is produced by {node.op_type}, expected a Cast")
+        for attr in node.attribute:
+            if attr.name == "to":
+                attr.i = onnx.TensorProto.FLOAT
+        out.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+
+
 def convert_fp16(src: Path, dst: Path) -> Path:
     """fp16 model with fp32 islands: normalisation statistics, the time embedding and its MLP, softmax, the output.
 
@@ -122,8 +137,12 @@ def convert_fp16(src: Path, dst: Path) -> Path:
     outputs = {o.name for o in model.graph.output}
     keep.update(n.name for n in model.graph.node if set(n.output) & outputs)  # the output layer
     fp16 = float16.convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=sorted(keep)
+        model,
+        keep_io_types=True,
+        op_block_list=sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS)),
+        node_block_list=sorted(keep),
     )
+    _float32_outputs(fp16)
     onnx.checker.check_model(fp16, full_check=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(fp16, str(dst))

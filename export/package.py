@@ -40,7 +40,7 @@ DEFAULT_SAMPLING = {
     "overlap": 0.25,
     "threshold": 0.5,
     "min_lesion_ml": 0.1,
-    "candidate": {"modality": "PT", "min_value": 1.5},
+    "candidate": {"modality": "PT", "min_value": 2.0},
     "seed": 0,
 }
 
@@ -210,4 +210,5 @@ def diffusion_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     d.setdefault("clip_sample", True)
     d.setdefault("clip_range", 1.0)
     d.setdefault("set_alpha_to_one", True)
+    d.setdefault("beta_dtype", "float64")  # training builds β in float64 (export/diffusion.py)
     return d
