@@ -221,7 +221,7 @@ def test_tampered_package_is_refused(tmp_path, default_package):
         byte = fh.read(1)
         fh.seek(1000)
         fh.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(ManifestError, match="sha256 of denoiser.onnx does not match"):
+    with pytest.raises(ManifestError, match=r"sha256 of denoiser\.onnx does not match"):
         load_package(copy)
     doc = json.loads((copy / "manifest.json").read_text())
     doc["diffusion"]["prediction_type"] = "noise"
