@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .scheduler import SamplerOptions, Scheduler, SchedulerConfig, thread_map
+from .diffusion_steps import thread_map
+from .scheduler import SamplerOptions, Scheduler, SchedulerConfig
 from .sliding_window import SlidingWindow, WindowOptions
 
 __all__ = [

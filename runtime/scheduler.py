@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
+
+from .diffusion_steps import ddim_chunk, ddim_coefficients, ddpm_chunk, ddpm_coefficients, run_chunked
 
 __all__ = [
     "BETA_SCHEDULES",
@@ -36,7 +37,6 @@ __all__ = [
     "SchedulerConfig",
     "make_alphas_cumprod",
     "make_betas",
-    "thread_map",
     "timestep_pairs",
 ]
 
@@ -52,8 +52,6 @@ SAMPLERS = ("ddim", "ddpm")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 EPS_CONVENTIONS = ("raw", "recompute")
 CHANNEL_ORDERS = ("image_first", "noisy_first")
-
-_CHUNK = 1 << 15  # elements per chunk: the float64 work buffers (8 × 256 KiB) stay in L2
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -284,35 +282,6 @@ def timestep_pairs(num_train_timesteps: int, steps: int, spacing: str, steps_off
     return np.stack([grid, np.append(grid[1:], -1)], axis=1)
 
 
-_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
-
-
-def thread_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> list[Any]:
-    """``[fn(item) for item in items]`` on a shared pool of ``threads`` threads (inline when 1 thread or 1 item).
-
-    Args:
-        fn: the work for one item; items must touch disjoint memory.
-        items: the work items.
-        threads: pool size.
-
-    Returns:
-        The results in item order.
-    """
-    items = list(items)
-    if threads <= 1 or len(items) <= 1:
-        return [fn(item) for item in items]
-    pool = _EXECUTORS.get(threads)
-    if pool is None:
-        pool = _EXECUTORS.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="diffseg-numpy"))
-    return list(pool.map(fn, items))
-
-
-def _clip(a: np.ndarray, bound: float) -> None:
-    """In-place clip to [−bound, bound] (two ufunc calls: np.clip's Python wrapper costs more per small chunk)."""
-    np.minimum(a, bound, out=a)
-    np.maximum(a, -bound, out=a)
-
-
 def _flat(a: np.ndarray, name: str) -> np.ndarray:
     if a.dtype != np.float32 or not a.flags.c_contiguous:
         raise ValueError(
@@ -436,6 +405,9 @@ class Scheduler:
         Raises:
             ValueError: on shape/dtype mismatch, a bad pair, missing noise or missing variance output.
         """
+        # Variable → symbol: model_output → ε_θ | x0_θ | v_θ;  x_t → x_t;  ab → ᾱ_t;  ab_prev → ᾱ_{t_prev};
+        # noise → z;  variance_output → v (learned range);  x_prev → x_{t_prev};  x0 → x̂0. The arithmetic, with the
+        # paper's equations, is in diffusion_steps.ddim_chunk / ddpm_chunk.
         t, t_prev = int(t), int(t_prev)
         ab, ab_prev = self._alphas(t, t_prev)
         x_t = np.ascontiguousarray(x_t, dtype=np.float32)
@@ -468,152 +440,13 @@ class Scheduler:
                     raise ValueError(f"output buffers may not overlap {name} (x_prev may be x_t itself)")
         flat = {name: _flat(a, name) for name, a in arrays.items()}
         f_prev, f_x0 = _flat(x_prev, "out[0]"), _flat(x0, "out[1]")
-        kernel = self._ddpm_chunk if self.options.sampler == "ddpm" else self._ddim_chunk
-        coef = (
-            self._ddpm_coefficients(ab, ab_prev)
-            if self.options.sampler == "ddpm"
-            else self._ddim_coefficients(ab, ab_prev)
-        )
-        coef["noise"] = want_noise
-        # Each chunk is widened to float64 in cache-sized buffers: x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ cancels two terms
-        # ~1/√ᾱ (≈ 160 at t = 999) times larger than the result, too much for float32 arithmetic at 1e-5.
-        # Chunks are independent: deal them out to the threads (numpy releases the GIL in the ufunc loops).
-        size = min(_CHUNK, x_t.size)
-        starts = list(range(0, x_t.size, _CHUNK))
-        runs = [starts[i :: self.threads] for i in range(min(self.threads, len(starts)))]
-
-        def work_on(run: list[int]) -> None:
-            work = {name: np.empty(size) for name in (*flat, "x_prev", "x0", "eps", "scratch")}
-            for start in run:
-                s = slice(start, min(start + _CHUNK, x_t.size))
-                w = {name: buf[: s.stop - s.start] for name, buf in work.items()}
-                for name, a in flat.items():
-                    w[name][...] = a[s]
-                kernel(coef, w, w["x_prev"], w["x0"], w["eps"], w["scratch"])
-                f_prev[s] = w["x_prev"]
-                f_x0[s] = w["x0"]
-
-        thread_map(work_on, runs, self.threads)
-        return x_prev, x0
-
-    # -- coefficients and chunk kernels (float64, on cache-sized chunks) --------------------------------------
-
-    def _x0_coefficients(self, ab: float) -> dict[str, Any]:
-        return {
-            "kind": self.config.prediction_type,
-            "sqrt_ab": math.sqrt(ab),
-            "sqrt_1m_ab": math.sqrt(1 - ab),
-            "clip": self.config.clip_range if self.config.clip_sample else None,
-        }
-
-    def _ddim_coefficients(self, ab: float, ab_prev: float) -> dict[str, Any]:
-        sigma = self.options.eta * math.sqrt(max((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev), 0.0))
-        coef = self._x0_coefficients(ab)
-        coef.update(
-            sqrt_ab_prev=math.sqrt(ab_prev),
-            direction=math.sqrt(max(1 - ab_prev - sigma**2, 0.0)),
-            sigma=sigma,
-            recompute=self.options.eps_convention == "recompute",
-        )
-        return coef
-
-    def _ddpm_coefficients(self, ab: float, ab_prev: float) -> dict[str, Any]:
-        alpha_t = ab / ab_prev  # α'_t of the (respaced) step
-        beta_t = 1 - alpha_t  # β'_t
-        small = max((1 - ab_prev) / (1 - ab) * beta_t, 1e-20)  # posterior β̃_t, clamped as diffusers
-        coef = self._x0_coefficients(ab)
-        coef.update(
-            c_x0=math.sqrt(ab_prev) * beta_t / (1 - ab),
-            c_xt=math.sqrt(alpha_t) * (1 - ab_prev) / (1 - ab),
-            variance_type=self.config.variance_type,
-            log_small=math.log(small),
-            log_large=math.log(beta_t),
-            sigma={"fixed_small": math.sqrt(small), "fixed_large": math.sqrt(beta_t)}.get(self.config.variance_type),
-        )
-        return coef
-
-    @staticmethod
-    def _x0_and_eps(
-        c: dict[str, Any],
-        out: np.ndarray,
-        xt: np.ndarray,
-        x0: np.ndarray,
-        eps_buf: np.ndarray,
-        need_eps: bool,
-    ) -> np.ndarray:
-        """x0 (into ``x0``) and, if needed, ε (``out`` itself or into ``eps_buf``), before clipping."""
-        kind = c["kind"]
-        if kind == "epsilon":  # x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ   (DDPM eq. 15)
-            np.multiply(out, -c["sqrt_1m_ab"], out=x0)
-            x0 += xt
-            x0 *= 1.0 / c["sqrt_ab"]
-            return out
-        if kind == "sample":  # ε = (x_t − √ᾱ·x0)/√(1−ᾱ)
-            x0[...] = out
-        else:  # v-prediction (Salimans & Ho 2022): x0 = √ᾱ·x_t − √(1−ᾱ)·v
-            np.multiply(out, -c["sqrt_1m_ab"] / c["sqrt_ab"], out=x0)
-            x0 += xt
-            x0 *= c["sqrt_ab"]
-        if not need_eps:
-            return eps_buf
-        np.multiply(x0, -c["sqrt_ab"], out=eps_buf)
-        eps_buf += xt
-        eps_buf *= 1.0 / c["sqrt_1m_ab"]
-        return eps_buf
-
-    @classmethod
-    def _ddim_chunk(cls, c, arrays, x_prev, x0, eps_buf, scratch) -> None:
-        # Variable → symbol (Song et al. 2021, DDIM):
-        #   out → ε_θ(x_t, t) | x0_θ | v_θ;  xt → x_t;  x0 → f_θ(x_t, t) (predicted x0);
-        #   eps → the ε used in eq. 12;
-        #   c["sqrt_ab"] → √ᾱ_t;  c["sqrt_ab_prev"] → √ᾱ_{t_prev};  c["sigma"] → σ_t(η) (eq. 16);
-        #   c["direction"] → √(1 − ᾱ_{t_prev} − σ_t²);  z → noise;  x_prev → x_{t_prev}.
-        out, xt = arrays["model_output"], arrays["x_t"]
-        # 1. predicted x0 and ε from the network output (eq. 12, first term)
-        eps = cls._x0_and_eps(c, out, xt, x0, eps_buf, not (c["recompute"] and c["clip"] is not None))
-        # 2. clip x0; guided-diffusion then re-derives ε from the clipped x0, diffusers/MONAI keep the raw ε
-        if c["clip"] is not None:
-            _clip(x0, c["clip"])
-            if c["recompute"]:
-                np.multiply(x0, -c["sqrt_ab"], out=eps_buf)
-                eps_buf += xt
-                eps_buf *= 1.0 / c["sqrt_1m_ab"]
-                eps = eps_buf
-        # 3. x_{t_prev} = √ᾱ_prev·x0 + √(1 − ᾱ_prev − σ²)·ε + σ·z  (eq. 12); x_t was last read above, so
-        #    x_prev may alias it
-        np.multiply(eps, c["direction"], out=scratch)
-        np.multiply(x0, c["sqrt_ab_prev"], out=x_prev)
-        x_prev += scratch
-        if c["noise"]:
-            np.multiply(arrays["noise"], c["sigma"], out=scratch)
-            x_prev += scratch
-
-    @classmethod
-    def _ddpm_chunk(cls, c, arrays, x_prev, x0, eps_buf, scratch) -> None:
-        # Variable → symbol (Ho et al. 2020, DDPM; respaced as in Nichol & Dhariwal 2021):
-        #   out → ε_θ | x0_θ | v_θ;  xt → x_t;  x0 → x̂0;  c["c_x0"] → √ᾱ_prev·β'_t/(1−ᾱ_t);
-        #   c["c_xt"] → √α'_t·(1−ᾱ_prev)/(1−ᾱ_t);  β'_t = 1 − ᾱ_t/ᾱ_prev;  σ² → β̃_t (fixed_small), β'_t
-        #   (fixed_large) or exp(f·log β'_t + (1−f)·log β̃_t), f = (v+1)/2 (learned_range);
-        #   x_prev → x_{t_prev}.
-        out, xt = arrays["model_output"], arrays["x_t"]
-        # 1. predicted x0 (eq. 15), clipped
-        cls._x0_and_eps(c, out, xt, x0, eps_buf, False)
-        if c["clip"] is not None:
-            _clip(x0, c["clip"])
-        # 2. posterior mean μ̃_t(x_t, x̂0) (eq. 7); x_t is read before x_prev is written (they may alias)
-        np.multiply(xt, c["c_xt"], out=scratch)
-        np.multiply(x0, c["c_x0"], out=x_prev)
-        x_prev += scratch
-        # 3. x_{t_prev} = μ̃ + σ·z, only for t > 0
-        if not c["noise"]:
-            return
-        if c["sigma"] is not None:
-            np.multiply(arrays["noise"], c["sigma"], out=scratch)
+        c, o = self.config, self.options
+        clip = c.clip_range if c.clip_sample else None
+        if o.sampler == "ddpm":
+            kernel, coef = ddpm_chunk, ddpm_coefficients(ab, ab_prev, c.prediction_type, clip, c.variance_type)
         else:
-            v = arrays["variance_output"]  # log σ² = f·log β' + (1 − f)·log β̃, f = (v + 1)/2
-            half_diff = 0.5 * (c["log_large"] - c["log_small"])
-            np.multiply(v, 0.5 * half_diff, out=scratch)
-            scratch += 0.5 * (c["log_small"] + half_diff)
-            np.exp(scratch, out=scratch)
-            scratch *= arrays["noise"]
-        x_prev += scratch
+            recompute = o.eps_convention == "recompute"
+            kernel, coef = ddim_chunk, ddim_coefficients(ab, ab_prev, c.prediction_type, clip, o.eta, recompute)
+        coef["noise"] = want_noise
+        run_chunked(kernel, coef, flat, f_prev, f_x0, self.threads)
+        return x_prev, x0
