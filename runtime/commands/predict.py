@@ -33,6 +33,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="engine precision (default: backend's)")
     parser.add_argument("--steps", type=int, help="reverse diffusion steps (default: the model's)")
     parser.add_argument("--samples", type=int, help="ensemble samples (default: the model's)")
+    parser.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, > 0 adds noise (default: the model's)")
     parser.add_argument("--seed", type=int, help="noise seed (default: the model's)")
     parser.add_argument("--overlap", type=float, help="sliding-window overlap (default: the model's)")
     parser.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")

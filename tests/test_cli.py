@@ -1,0 +1,108 @@
+"""The command line as a user runs it: help, version, info, bad input, single case and cohort runs."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+
+import pytest
+
+from diffseg.runtime.cli import COMMANDS, build_parser
+from diffseg.runtime.phantom import PhantomOptions, make_phantom, write_phantom
+
+
+def cli(*args: str, cwd=None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "diffseg", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command):
+    out = cli(command, "--help")
+    assert out.returncode == 0 and "usage: diffseg" in out.stdout
+
+
+def test_version_and_info():
+    from diffseg import __version__
+
+    assert cli("--version").stdout.strip() == f"diffseg {__version__}"
+    info = json.loads(cli("info", "--json").stdout)
+    assert info["extension"]["cxx_flags"] and "openvino" in info["backends"]
+    assert info["backends"]["onnxruntime"]["available"]
+
+
+def test_cli_flags_match_the_segmenter():
+    """Every Segmenter option has a predict flag (faster-whisper's signature test)."""
+    from diffseg.runtime.segmenter import Segmenter
+
+    params = set(inspect.signature(Segmenter.__init__).parameters) - {"self"}
+    parser = build_parser()
+    predict = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "predict")[1]
+    dests = {a.dest for a in predict._actions}
+    renamed = {"skip_empty_windows": "no_skip"}
+    assert {renamed.get(p, p) for p in params} <= dests
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    out = cli(
+        "predict",
+        "--ct",
+        str(tmp_path / "missing.nii.gz"),
+        "--pet",
+        str(tmp_path / "x.nii.gz"),
+        "-o",
+        str(tmp_path / "o"),
+    )
+    assert out.returncode == 2 and "missing.nii.gz: no such file" in out.stderr
+    bad = tmp_path / "ct.nii.gz"
+    bad.write_bytes(b"not an image")
+    pet = tmp_path / "pet.nii.gz"
+    pet.write_bytes(b"not an image either")
+    out = cli("predict", "--ct", str(bad), "--pet", str(pet), "-o", str(tmp_path / "o"), "--backend", "onnxruntime")
+    assert out.returncode == 2 and "ct.nii.gz: cannot read image" in out.stderr
+    assert not (tmp_path / "o" / "report.json").exists()
+    out = cli("predict", "-i", str(tmp_path), "--ct", str(bad), "-o", str(tmp_path / "o"))
+    assert out.returncode == 2 and "not both" in out.stderr
+    out = cli("predict", "--ct", str(bad), "--pet", str(pet), "-o", str(tmp_path / "o"), "--backend", "tensorrt")
+    assert out.returncode == 2 and "tensorrt" in out.stderr
+
+
+def test_cohort_run_is_resumable_and_survives_a_bad_case(tmp_path):
+    cohort = tmp_path / "cohort"
+    small = PhantomOptions(ct_size_xy=128, ct_slices=24)
+    for seed in (1, 2):
+        write_phantom(make_phantom(seed, small), cohort / f"case{seed}")
+    broken = cohort / "case9"
+    broken.mkdir()
+    (broken / "ct.nii.gz").write_bytes(b"truncated")
+    (broken / "pet.nii.gz").write_bytes(b"truncated")
+    out_dir = tmp_path / "out"
+    args = [
+        "predict",
+        "-i",
+        str(cohort),
+        "-o",
+        str(out_dir),
+        "--backend",
+        "onnxruntime",
+        "--steps",
+        "1",
+        "--samples",
+        "1",
+        "--no-progress",
+    ]
+    first = cli(*args)
+    assert first.returncode == 1, first.stderr
+    assert "case case9 FAILED" in first.stdout and "2 ok, 1 failed" in first.stdout
+    assert "case9" in json.loads((out_dir / "failures.json").read_text())
+    for case in ("case1", "case2"):
+        report = json.loads((out_dir / case / "report.json").read_text())
+        assert report["settings"]["sampler"]["steps"] == 1
+        assert {"mask", "probability", "uncertainty", "lesions_csv", "preview"} <= set(report["outputs"])
+    second = cli(*args)
+    assert "2 already done, 1 to run" in second.stdout
+    part = cli(*args, "--num-parts", "2", "--part-id", "1", "--overwrite")
+    assert "1 case(s) in this part" in part.stdout
