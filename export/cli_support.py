@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from diffseg.runtime.phantom import split_seeds
 
 from .architectures import load_checkpoint

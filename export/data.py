@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from diffseg.runtime.kernels import GridSpec
 from diffseg.runtime.phantom import Phantom, PhantomOptions, make_phantom
 from diffseg.runtime.preprocess import Normalisation, model_grid_for, normalise

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffseg.runtime.manifest import SCHEMA_VERSION, load_package, parse_manifest, sha256_of
 
 from diffseg import __version__
+from diffseg.runtime.manifest import SCHEMA_VERSION, load_package, parse_manifest, sha256_of
 
 from .onnx_export import ExportError, ParityResult, check_graph, convert_fp16, export_fp32, parity
 

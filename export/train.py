@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
+
 from diffseg.runtime.phantom import split_seeds
 from diffseg.runtime.preprocess import Normalisation
-from torch.nn import functional as F
 
 from .data import Case, PatchSampler, phantom_case
 from .diffusion import alphas_cumprod, q_sample, target_for

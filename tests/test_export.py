@@ -12,11 +12,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper
+
 from diffseg.export.onnx_export import ExportError, check_graph
 from diffseg.export.package import build_package
 from diffseg.export.unet import DiffusionUNet3D, UNetConfig
 from diffseg.runtime.manifest import ManifestError, load_package
-from onnx import TensorProto, helper
 
 PATCH = (16, 16, 16)
 MODALITIES = [

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from diffseg.runtime.phantom import SPLITS, PhantomOptions, make_phantom, split_seeds, write_phantom
 from diffseg.runtime.volume import read_volume
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from diffseg.export.reference import ReferenceSettings, reference_sample
 from diffseg.runtime.backends import BackendUnavailableError, get_backend
 from diffseg.runtime.phantom import PhantomOptions, make_phantom

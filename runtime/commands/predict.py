@@ -53,6 +53,7 @@ def make_segmenter(args: argparse.Namespace):
         precision=args.precision,
         steps=args.steps,
         samples=args.samples,
+        eta=args.eta,
         seed=args.seed,
         overlap=args.overlap,
         threshold=args.threshold,
@@ -79,9 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def segment_case(segmenter, case, out_dir: Path, progress: bool, label: str) -> dict:
     """Load, segment and write one case; returns the report."""
+    from tqdm import tqdm
+
     from diffseg.runtime.cases import load_case
     from diffseg.runtime.outputs import write_case_outputs
-    from tqdm import tqdm
 
     t0 = time.perf_counter()
     loaded = load_case(case.ct, case.pet)
@@ -111,10 +113,11 @@ def segment_case(segmenter, case, out_dir: Path, progress: bool, label: str) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from diffseg.runtime.atomic import write_json_atomic
     from diffseg.runtime.cases import Case, discover_cases, select_part
     from diffseg.runtime.outputs import REPORT_NAME
-    from tqdm import tqdm
 
     if args.input is not None and (args.ct or args.pet):
         raise ValueError("give either -i/--input or --ct and --pet, not both")
