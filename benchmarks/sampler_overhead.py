@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from diffseg.runtime.sampler import LOOP_ORDERS, SamplerOptions, WindowOptions
 from diffseg.runtime.scheduler import SchedulerConfig
 

@@ -7,6 +7,11 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from diffusers import DDIMScheduler
+from monai.data.utils import dense_patch_slices
+from monai.inferers import sliding_window_inference
+from monai.inferers.utils import _get_scan_interval
+
 from diffseg.runtime.sampler import (
     SamplerOptions,
     WindowOptions,
@@ -15,10 +20,6 @@ from diffseg.runtime.sampler import (
     sample_window_major,
 )
 from diffseg.runtime.scheduler import SchedulerConfig, make_alphas_cumprod
-from diffusers import DDIMScheduler
-from monai.data.utils import dense_patch_slices
-from monai.inferers import sliding_window_inference
-from monai.inferers.utils import _get_scan_interval
 
 LOOPS = [sample_step_major, sample_window_major]
 VOLUME, PATCH = (12, 20, 22), (8, 10, 12)  # 2 × 3 × 3 = 18 windows at overlap 0.25

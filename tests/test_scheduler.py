@@ -13,6 +13,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler as MonaiDDIM
+from monai.networks.schedulers import DDPMScheduler as MonaiDDPM
+
 from diffseg.runtime.scheduler import (
     PREDICTION_TYPES,
     SamplerOptions,
@@ -21,11 +25,8 @@ from diffseg.runtime.scheduler import (
     make_alphas_cumprod,
     timestep_pairs,
 )
-from diffusers import DDIMScheduler, DDPMScheduler
-from monai.networks.schedulers import DDIMScheduler as MonaiDDIM
-from monai.networks.schedulers import DDPMScheduler as MonaiDDPM
 
-SHAPE = (2, 1, 24, 40, 40)  # 76,800 voxels: more than two of the scheduler's chunks
+SHAPE = (2, 1, 16, 32, 40)  # 40,960 voxels: two of the scheduler's 32,768-element chunks
 
 
 def assert_rel(got: np.ndarray, ref: np.ndarray, tol: float = 1e-5) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffseg.runtime.sliding_window import SlidingWindow, WindowOptions, importance_map, sliding_window, window_starts
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
+
+from diffseg.runtime.sliding_window import SlidingWindow, WindowOptions, importance_map, sliding_window, window_starts
 
 # (volume, patch, overlap): odd shapes, a volume smaller than the patch on some axes, equal on one, a big overlap
 CASES = [
