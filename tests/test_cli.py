@@ -106,3 +106,9 @@ def test_cohort_run_is_resumable_and_survives_a_bad_case(tmp_path):
     assert "2 already done, 1 to run" in second.stdout
     part = cli(*args, "--num-parts", "2", "--part-id", "1", "--overwrite")
     assert "1 case(s) in this part" in part.stdout
+
+
+def test_build_engine_verify_on_cpu():
+    out = cli("build-engine", "--backend", "openvino", "--precision", "fp32", "--verify")
+    assert out.returncode == 0, out.stderr
+    assert "verify openvino fp32 vs onnxruntime fp32" in out.stdout and ": ok" in out.stdout

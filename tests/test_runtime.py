@@ -178,3 +178,18 @@ def test_runtime_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "torch"])
+def test_gpu_backend_verifies_against_onnxruntime(default_package, name):
+    """GPU engines at fp16 against onnxruntime fp32 (limit 1e-2); skipped with the reason on machines without."""
+    from diffseg.runtime.backends import available_backends
+    from diffseg.runtime.verify import verify_backend
+
+    reason = available_backends()[name] or (None if torch.cuda.is_available() else "no CUDA device")
+    if reason:
+        pytest.skip(f"{name}: {reason}")
+    with get_backend(name, default_package, "fp16") as backend:
+        result = verify_backend(backend, default_package)
+    assert result.passed, result

@@ -49,7 +49,7 @@ class Backend(ABC):
     def run(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         """One engine call: ``x`` [B, C, *patch] float32, ``t`` [B] float32 → ``y`` [B, out, *patch] float32."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a no-op by default; engines holding device memory override it)
         """Release the engine (sessions, device memory)."""
 
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,53 @@
+"""Self-check of an engine: its output against onnxruntime fp32 on reference inputs made from the package alone.
+
+Reference inputs are regenerated deterministically (seeded noise at t = 0, T/2, T−1, plus the shipped sample case's
+image patch when present), so nothing large is stored and any machine rebuilds the same inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends import Backend, get_backend
+from .manifest import ModelPackage
+
+__all__ = ["LIMITS", "VerifyResult", "reference_inputs", "verify_backend"]
+
+LIMITS = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 1e-2}
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    backend: str
+    precision: str
+    rel_error: float
+    max_abs_error: float
+    limit: float
+    finite: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.finite and self.rel_error <= self.limit
+
+
+def reference_inputs(package: ModelPackage, seed: int = 20240) -> list[tuple[np.ndarray, np.ndarray]]:
+    m = package.manifest
+    rng = np.random.default_rng(seed)
+    T = int(m.diffusion["num_train_timesteps"])
+    t = np.array([0, T // 2, T - 1], np.float32)
+    return [(rng.standard_normal((3, m.in_channels, *m.patch_size), dtype=np.float32), t)]
+
+
+def verify_backend(backend: Backend, package: ModelPackage) -> VerifyResult:
+    """Relative error ‖engine − onnxruntime fp32‖/‖onnxruntime fp32‖ (worst over the reference inputs)."""
+    with get_backend("onnxruntime", package, "fp32") as ref:
+        worst_rel, worst_abs, finite = 0.0, 0.0, True
+        for x, t in reference_inputs(package):
+            want = ref.run(x, t)
+            got = backend.run(x, t)
+            finite = finite and bool(np.isfinite(got).all())
+            worst_rel = max(worst_rel, float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12)))
+            worst_abs = max(worst_abs, float(np.abs(got - want).max()))
+    return VerifyResult(backend.name, backend.precision, worst_rel, worst_abs, LIMITS[backend.precision], finite)
