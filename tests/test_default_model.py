@@ -1,0 +1,32 @@
+"""The shipped default model on held-out test phantoms (the export issue's accuracy check, on two cases).
+
+Reference: the plain PyTorch sliding-window loop, DDIM 10 steps × 5 samples, threshold 0.5 on the mean foreground
+probability, Dice on the CT grid against the phantom's ground truth (``benchmarks/accuracy.py`` runs the whole split).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffseg.export.architectures import build_model
+from diffseg.runtime.phantom import make_phantom
+from diffseg.runtime.postprocess import dice
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from accuracy import reference_probability  # noqa: E402
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_default_model_dice_on_test_phantoms(default_package, seed):
+    arch = dict(default_package.manifest.raw["architecture"])
+    model = build_model({"architecture": arch.pop("type"), "model": arch})
+    model.load_state_dict(torch.load(default_package.files["torch"].path, weights_only=True))
+    case = make_phantom(seed)
+    assert case.mask.array.any()
+    prob = reference_probability(model.eval(), case, default_package.manifest, seed, steps=10, samples=5)
+    assert dice(prob >= 0.5, case.mask.array) >= 0.80
