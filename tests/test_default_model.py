@@ -17,7 +17,7 @@ from diffseg.runtime.phantom import make_phantom
 from diffseg.runtime.postprocess import dice
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from accuracy import reference_probability  # noqa: E402
+from accuracy import reference_probability
 
 
 @pytest.mark.slow
