@@ -29,8 +29,9 @@ from dicom_net import (
     tiny_study,
     wait_for,
 )
-from diffseg.runtime.serve import Spool, seg_uids
 from pydicom.uid import generate_uid
+
+from diffseg.runtime.serve import Spool, seg_uids
 
 pytestmark = pytest.mark.dicom_net
 
@@ -40,11 +41,13 @@ if _REASON is not None:
 
 
 def _segmenter_unavailable() -> str | None:
+    from diffseg.runtime.serve.pipeline import load_segmenter_class
+
     try:
-        from diffseg.runtime import Segmenter  # noqa: F401
+        load_segmenter_class()
         from diffseg.runtime.dicom import read_seg  # noqa: F401
     except ImportError as exc:
-        return f"diffseg.runtime.Segmenter is not available yet ({exc})"
+        return f"the Segmenter is not available in this build ({exc})"
     return None
 
 
@@ -216,7 +219,8 @@ def phantom_studies(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms")
     out = {}
     for seed in (1, 2):
-        phantom = make_phantom(seed, PhantomOptions(ct_size_xy=64, ct_slices=12))
+        # 128² × 16 slices: a whole neck in plane (64² cuts it, out of the model's training distribution)
+        phantom = make_phantom(seed, PhantomOptions(ct_size_xy=128, ct_slices=16))
         info = write_phantom_dicom(phantom, root / f"seed{seed}")
         out[seed] = (phantom, info, root / f"seed{seed}")
     return out
@@ -252,14 +256,14 @@ def test_orthanc_pushes_a_study_into_the_spool(orthanc: Orthanc, node: NodeProce
 # -- segmentation round trips (need the Segmenter) -----------------------------------------------------------
 
 _SEG_REASON = _segmenter_unavailable()
-needs_segmenter = pytest.mark.skipif(_SEG_REASON is not None, reason=_SEG_REASON or "")
+# The tests below are slow: each segments one or two studies (about 17 s each with the shipped model on 2 cores).
 
 
 @pytest.fixture(scope="module")
 def segmenter():
-    from diffseg.runtime import Segmenter
+    from diffseg.runtime.serve.pipeline import load_segmenter_class
 
-    return Segmenter(model="default", backend="auto")
+    return load_segmenter_class()(model="default", backend="auto")
 
 
 def _seg_instances(pacs: Orthanc, study_uid: str) -> list[dict]:
@@ -288,7 +292,8 @@ def _worker_node(pacs: Orthanc, workdir: Path, **config) -> NodeProcess:
     return proc
 
 
-@needs_segmenter
+@pytest.mark.slow
+@pytest.mark.skipif(_SEG_REASON is not None, reason=_SEG_REASON or "")
 def test_seg_comes_back_into_orthanc(netns, orthanc, phantom_studies, segmenter, tmp_path: Path) -> None:
     from diffseg.runtime.dicom import read_pet_ct, read_seg
 
@@ -309,7 +314,9 @@ def test_seg_comes_back_into_orthanc(netns, orthanc, phantom_studies, segmenter,
     assert np.array_equal(got.array.astype(bool), expected.array.astype(bool))  # exact, voxel for voxel
     (job,) = [j for j in proc.status()["jobs"] if j["study_uid"] == study_uid]
     assert pydicom.dcmread(seg_path).SOPInstanceUID == seg_uids(study_uid, job["model_version"]).sop_instance_uid
-    assert _dice(got.array, phantom.mask.array) >= 0.5
+    # the shipped model reaches Dice 0.93 on this phantom (seed 1, 128² × 16, openvino CPU); 0.8 leaves room
+    # for another backend's rounding while still catching a misplaced or flipped SEG (Dice near 0)
+    assert _dice(got.array, phantom.mask.array) >= 0.8
 
 
 def _job(proc: NodeProcess, study_uid: str) -> dict | None:
@@ -317,7 +324,8 @@ def _job(proc: NodeProcess, study_uid: str) -> dict | None:
     return jobs[0] if jobs else None
 
 
-@needs_segmenter
+@pytest.mark.slow
+@pytest.mark.skipif(_SEG_REASON is not None, reason=_SEG_REASON or "")
 def test_sigkill_during_a_job_then_restart_gives_exactly_one_seg(orthanc, phantom_studies, tmp_path: Path) -> None:
     _, info, _ = phantom_studies[2]
     study_uid = info["study_instance_uid"]
@@ -339,7 +347,8 @@ def test_sigkill_during_a_job_then_restart_gives_exactly_one_seg(orthanc, phanto
         assert done["runs"] == 2  # segmentation started again after the restart
 
 
-@needs_segmenter
+@pytest.mark.slow
+@pytest.mark.skipif(_SEG_REASON is not None, reason=_SEG_REASON or "")
 def test_send_retries_with_backoff_and_survives_a_kill_until_the_pacs_is_back(
     netns, orthanc, phantom_studies, tmp_path: Path
 ) -> None:

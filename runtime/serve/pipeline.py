@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from .spool import check_uid, fsync_dir
 
-__all__ = ["SegPipeline", "SegUids", "SegmenterPipeline", "model_version_of", "seg_uids"]
+__all__ = ["SegPipeline", "SegUids", "SegmenterPipeline", "load_segmenter_class", "model_version_of", "seg_uids"]
 
 logger = logging.getLogger("diffseg")
 
@@ -73,13 +73,34 @@ class SegPipeline(Protocol):
 
 
 def model_version_of(segmenter: Any, model: str) -> str:
-    """A stable identity of a loaded model: its ``model_version`` if set, else name + diffseg version."""
-    version = getattr(segmenter, "model_version", None)
-    if isinstance(version, str) and version:
-        return version
+    """A stable identity of a loaded model, from which the SEG UIDs derive.
+
+    ``name@version+<12 hex of the fp32 engine's sha256>`` from the model package's manifest when the segmenter has
+    one (so that retraining under the same name and version still gives new UIDs), else ``model@diffseg-<version>``.
+    """
+    manifest = getattr(getattr(segmenter, "package", None), "manifest", None)
+    if manifest is not None and getattr(manifest, "name", None):
+        identity = f"{manifest.name}@{manifest.version}"
+        files = (getattr(manifest, "raw", None) or {}).get("files", {})
+        ordered = [files.get("fp32"), *files.values()]  # the fp32 engine stands for the weights
+        digest = next((f.get("sha256") for f in ordered if isinstance(f, dict) and f.get("sha256")), None)
+        return f"{identity}+{digest[:12]}" if digest else identity
     from diffseg import __version__
 
     return f"{model}@diffseg-{__version__}"
+
+
+def load_segmenter_class() -> type:
+    """``diffseg.runtime.Segmenter`` (or, until it is exported there, ``diffseg.runtime.segmenter.Segmenter``).
+
+    Raises:
+        ImportError: neither exists in this build.
+    """
+    try:
+        from diffseg.runtime import Segmenter  # type: ignore[attr-defined]
+    except ImportError:
+        from diffseg.runtime.segmenter import Segmenter  # type: ignore[no-redef]
+    return Segmenter
 
 
 class SegmenterPipeline:
@@ -97,7 +118,7 @@ class SegmenterPipeline:
 
     def __init__(self, model: str, backend: str) -> None:
         try:
-            from diffseg.runtime import Segmenter  # type: ignore[attr-defined]
+            Segmenter = load_segmenter_class()
             from diffseg.runtime.dicom import SegOptions, read_pet_ct, write_seg
         except ImportError as exc:
             raise RuntimeError(f"the segmentation pipeline is not available in this build: {exc}") from exc
