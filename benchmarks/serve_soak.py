@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from dicom_net import NodeProcess, Orthanc, free_port, netns_unavailable_reason, private_netns, wait_for
+
 from diffseg.runtime.dicom import write_phantom_dicom
 from diffseg.runtime.phantom import PhantomOptions, make_phantom
 
@@ -157,9 +158,9 @@ def main() -> int:
     parser.add_argument("--studies", type=int, default=20)
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
-    parser.add_argument("--kill-min-s", type=float, default=3.0, help="shortest time between kills")
-    parser.add_argument("--kill-max-s", type=float, default=15.0, help="longest time between kills")
-    parser.add_argument("--ct-size", type=int, default=64)
+    parser.add_argument("--kill-min-s", type=float, default=20.0, help="shortest time between kills")
+    parser.add_argument("--kill-max-s", type=float, default=90.0, help="longest time between kills")
+    parser.add_argument("--ct-size", type=int, default=128)
     parser.add_argument("--ct-slices", type=int, default=16)
     parser.add_argument("--idle-seconds", type=float, default=1.0)
     parser.add_argument("--model", default="default")

@@ -19,6 +19,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicom_net import tiny_study
+
 from diffseg.runtime.cli import main as cli_main
 from diffseg.runtime.commands import serve as serve_command
 from diffseg.runtime.serve import (
@@ -491,15 +492,30 @@ def test_worker_backs_off_then_fails_when_the_destination_never_answers(tmp_path
         model_version="m",
     )
     worker = Worker(options, spool, queue, pipeline=None)
-    waits = []
-    for attempt in (1, 2):
+    for attempt, wait in ((1, 0.25), (2, 0.5)):  # retry_base_seconds · 2^(attempt − 1)
         before = time.time()
         job = worker.process(job)
+        after = time.time()
         assert (job.state, job.send_attempts) == ("sending", attempt)
         assert "not reachable" in job.reason
-        waits.append(job.next_attempt_at - before)
-    assert waits[0] == pytest.approx(0.25, abs=0.2) and waits[1] == pytest.approx(0.5, abs=0.2)
+        # the next try is scheduled `wait` s after the failure, which happened between before and after
+        assert before + wait - 1e-3 <= job.next_attempt_at <= after + wait + 1e-3
     job = worker.process(job)
     assert job.state == "failed"
     assert job.reason.startswith("SEG not accepted by PACS@127.0.0.1:") and "after 3 attempts" in job.reason
     queue.close()
+
+
+def test_model_identity_comes_from_the_manifest() -> None:
+    """The SEG UIDs derive from name@version+fp32 sha256 of the shipped package, read here from its manifest."""
+    from types import SimpleNamespace
+
+    from diffseg.runtime.manifest import load_package
+    from diffseg.runtime.serve.pipeline import model_version_of
+
+    package = load_package("default")
+    manifest = package.manifest
+    sha = manifest.raw["files"]["fp32"]["sha256"]
+    identity = model_version_of(SimpleNamespace(package=package), "default")
+    assert identity == f"{manifest.name}@{manifest.version}+{sha[:12]}"
+    assert model_version_of(object(), "mymodel").startswith("mymodel@diffseg-")
