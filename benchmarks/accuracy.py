@@ -26,24 +26,24 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def reference_probability(model, case, manifest, seed: int, steps: int, samples: int) -> np.ndarray:
-    import SimpleITK as sitk
-    import torch
+def reference_probability(
+    model, case, manifest, seed: int, steps: int, samples: int, device: str = "cpu"
+) -> np.ndarray:
+    """Mean probability of the PyTorch reference loop, on the CT grid.
 
+    Resampling uses the export side's numpy interpolation for axis-aligned grids (equal to SimpleITK's linear
+    resampling, see tests), so this path needs only numpy and torch: it also runs on a bare GPU machine.
+    """
+    from diffseg.export.data import axis_aligned_linear
     from diffseg.export.reference import ReferenceSettings, reference_sample
+    from diffseg.runtime.kernels import GridSpec
     from diffseg.runtime.preprocess import model_grid_for, normalise
+    from diffseg.runtime.volume import Volume
 
     grid = model_grid_for(case.ct, manifest.spacing_mm)
-    ref = sitk.Image(list(grid.size_xyz), sitk.sitkFloat32)
-    ref.SetSpacing(grid.spacing)
-    ref.SetOrigin(grid.origin)
-    ref.SetDirection(grid.direction)
     channels = []
     for code in manifest.modalities:
-        src = sitk.Cast({"CT": case.ct, "PT": case.pet}[code].to_sitk(), sitk.sitkFloat32)
-        arr = sitk.GetArrayFromImage(
-            sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, manifest.normalisation[code].low)
-        )
+        arr = axis_aligned_linear({"CT": case.ct, "PT": case.pet}[code], grid, manifest.normalisation[code].low)
         channels.append(normalise(arr, manifest.normalisation[code]))
     d = manifest.defaults
     settings = ReferenceSettings(
@@ -54,19 +54,18 @@ def reference_probability(model, case, manifest, seed: int, steps: int, samples:
         timestep_spacing=d["timestep_spacing"],
         batch_size=2 * samples,
     )
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    prob = reference_sample(model, np.stack(channels), tuple(manifest.patch_size), settings, seed=seed).mean(0)
-    img = sitk.GetImageFromArray(prob.astype(np.float32))
-    img.CopyInformation(ref)
-    back = sitk.Resample(img, case.ct.to_sitk(), sitk.Transform(), sitk.sitkLinear, 0.0)
-    return sitk.GetArrayFromImage(back)
+    prob = reference_sample(
+        model.to(device), np.stack(channels), tuple(manifest.patch_size), settings, seed=seed, device=device
+    ).mean(0)
+    ct_grid = GridSpec(case.ct.size_xyz, case.ct.spacing, case.ct.origin, case.ct.direction)
+    return axis_aligned_linear(Volume(prob.astype(np.float32), grid.spacing, grid.origin, grid.direction), ct_grid, 0.0)
 
 
 def main() -> int:
+    from diffseg.export.train import dice  # numpy only (the runtime's module loads the compiled extension)
     from diffseg.runtime.environment import cpu_info
     from diffseg.runtime.manifest import load_package
     from diffseg.runtime.phantom import make_phantom, split_seeds
-    from diffseg.runtime.postprocess import dice
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -74,7 +73,8 @@ def main() -> int:
     parser.add_argument("--paths", nargs="+", default=["reference", "predict"], choices=["reference", "predict"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--samples", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
+    parser.add_argument("--device", default="cpu", help="device of the reference loop (cpu, cuda)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output (default: results/accuracy_<paths>.json)")
     args = parser.parse_args()
 
     package = load_package(args.model)
@@ -106,7 +106,7 @@ def main() -> int:
         for path in args.paths:
             start = time.perf_counter()
             if path == "reference":
-                pred = reference_probability(model, case, m, seed, args.steps, args.samples) >= 0.5
+                pred = reference_probability(model, case, m, seed, args.steps, args.samples, args.device) >= 0.5
             else:
                 pred = seg.predict(case.ct, case.pet).mask.array.astype(bool)
             row[path] = {
@@ -133,6 +133,10 @@ def main() -> int:
             ],
         }
     info = cpu_info()
+    if args.device.startswith("cuda"):
+        import torch
+
+        info["model"] = f"{torch.cuda.get_device_name(0)} (reference loop), host {info['model']}"
     doc = {
         "model": m.name,
         "steps": args.steps,
@@ -144,6 +148,7 @@ def main() -> int:
         "summary": summary,
         "cases": rows,
     }
+    args.out = args.out or RESULTS / f"accuracy_{'_'.join(args.paths)}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     lines = [
