@@ -44,13 +44,32 @@ def _image_named(folder: Path, stem: str) -> Path | None:
     return hits[0] if hits else None
 
 
+def _dicom_modalities(folder: Path, wanted: frozenset[str] = frozenset({"CT", "PT"})) -> set[str]:
+    """Modalities of the DICOM files under ``folder`` (headers only; stops once CT and PT were both seen)."""
+    import pydicom
+
+    seen: set[str] = set()
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+        except Exception:  # not DICOM, or damaged: read_pet_ct reports such files when the case runs
+            continue
+        seen.add(str(ds.get("Modality", "")))
+        if wanted <= seen:
+            break
+    return seen
+
+
 def _folder_case(folder: Path) -> Case | None:
+    """An image case (ct.*/pet.*), a DICOM study holding CT and PT, or None."""
     ct, pet = _image_named(folder, "ct"), _image_named(folder, "pet")
     if ct or pet:
         if not (ct and pet):
             raise ValueError(f"{folder}: needs both ct.* and pet.* images, found only {(ct or pet).name}")
         return Case(folder.name, ct, pet)
-    if any(p.is_file() for p in folder.rglob("*")):
+    if {"CT", "PT"} <= _dicom_modalities(folder):
         return Case(folder.name, folder, None)  # a DICOM study folder; read_pet_ct selects the series
     return None
 
@@ -86,13 +105,11 @@ def discover_cases(source: str | Path) -> list[Case]:
             one = _folder_case(src)
             cases = [one] if one else []
         else:
-            cases = [
-                c
-                for d in sorted(src.iterdir())
-                if d.is_dir() and not d.name.startswith(".")
-                for c in [_folder_case(d)]
-                if c is not None
-            ]
+            # A cohort (one case per sub-folder), or one DICOM study whose series sit in sub-folders.
+            subfolders = [d for d in sorted(src.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+            cases = [c for c in map(_folder_case, subfolders) if c is not None]
+            if not cases and (study := _folder_case(src)) is not None:
+                cases = [study]
     ids = [c.case_id for c in cases]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:

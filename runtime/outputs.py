@@ -45,8 +45,8 @@ def lesions_csv(lesions: list[dict[str, Any]]) -> str:
                 row["voxels"],
                 row["volume_ml"],
                 *row["centroid_mm"],
-                " ".join(map(str, row["bbox"]["start_zyx"])),
-                " ".join(map(str, row["bbox"]["stop_zyx"])),
+                " ".join(map(str, row["bbox"][0])),
+                " ".join(map(str, row["bbox"][1])),
                 *(row[k] for k in LESION_FIELDS[5:]),
             ]
         )

@@ -56,7 +56,7 @@ def postprocess(probability: Volume, pet: Volume | None, options: PostprocessOpt
 
     Returns:
         The binary mask, the lesion label map and one row per lesion: id, voxels, volume_ml, centroid_mm (x, y, z),
-        bbox (index start and stop, z/y/x), suv_max, suv_mean, mtv_ml (metabolic tumour volume = the lesion's
+        bbox (``[start, stop]`` array indices z, y, x; stop exclusive), suv_max, suv_mean, mtv_ml (metabolic tumour volume = the lesion's
         volume) and tlg (total lesion glycolysis = SUVmean × MTV).
     """
     opt = options or PostprocessOptions()
@@ -75,7 +75,7 @@ def postprocess(probability: Volume, pet: Volume | None, options: PostprocessOpt
             "voxels": int(stats.voxel_count[i]),
             "volume_ml": round(volume, 4),
             "centroid_mm": [round(float(c), 2) for c in stats.centroid_mm[i]],  # type: ignore[index]
-            "bbox": {"start_zyx": stats.bbox_start[i].tolist(), "stop_zyx": stats.bbox_stop[i].tolist()},
+            "bbox": [stats.bbox_start[i].tolist(), stats.bbox_stop[i].tolist()],
             "suv_max": None,
             "suv_mean": None,
             "mtv_ml": round(volume, 4),
