@@ -56,8 +56,8 @@ def postprocess(probability: Volume, pet: Volume | None, options: PostprocessOpt
 
     Returns:
         The binary mask, the lesion label map and one row per lesion: id, voxels, volume_ml, centroid_mm (x, y, z),
-        bbox (``[start, stop]`` array indices z, y, x; stop exclusive), suv_max, suv_mean, mtv_ml (metabolic tumour volume = the lesion's
-        volume) and tlg (total lesion glycolysis = SUVmean × MTV).
+        bbox (``[start, stop]`` array indices z, y, x; stop exclusive), suv_max, suv_mean, mtv_ml (metabolic
+        tumour volume = the lesion's volume) and tlg (total lesion glycolysis = SUVmean × MTV).
     """
     opt = options or PostprocessOptions()
     if pet is not None and not pet.same_grid(probability):
