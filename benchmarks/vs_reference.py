@@ -1,0 +1,277 @@
+"""diffseg's default CPU path against the research loop papers use, on the same trained model and phantom cases.
+
+- **diffseg**: ``Segmenter("default", backend="auto")`` with the package's defaults (DDIM 10 steps × 5 samples,
+  step-major, windows × samples batched, windows without PET uptake skipped), end to end from CT/PET volumes in
+  memory to the cleaned mask on the CT grid.
+- **reference** (the Diff-UNet pattern, ge-xing/Diff-UNet): PyTorch eager fp32 on the same weights
+  (``models/default/denoiser.pt``, architecture from the manifest); ``monai.inferers.sliding_window_inference`` with
+  roi 64³ and ``sw_batch_size`` 1 (Diff-UNet's), whose predictor runs the whole DDIM chain for its window batch,
+  once per sample (Diff-UNet's loop over samples), the samples' probabilities averaged; Gaussian blending of the
+  windows. Same DDIM as the package: 10 linspace steps, x0-prediction clipped to [−1, 1], ε recomputed from the
+  clipped x0, η = 0. Its input is diffseg's model-grid image (same resampling, normalisation and body box), and its
+  probability goes back onto the CT grid through diffseg's resampling and postprocessing, so that only the sampling
+  loop differs.
+
+Overlap: 0.25 by default, the package's own, so both loops run the same windows and the same number of
+patch-forwards; the ratio then measures the runtime, not the tiling. Diff-UNet's own 0.5 (``--ref-overlap 0.5``)
+runs about 2–3 × more windows and makes the reference slower still.
+
+Dice of both against the phantom's ground truth (on the CT grid) must agree within 0.01.
+
+    python benchmarks/vs_reference.py                      # test seeds 1 and 2
+    python benchmarks/vs_reference.py --cases 1 2 3 --ref-overlap 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import numpy as np
+from _common import load_average, machine_header, model_input, on_ct_grid, torch_model, write_results
+
+DICE_TOLERANCE = 0.01
+
+
+def make_predictor(model, manifest, steps: int, samples: int, generator, counter: dict):
+    """The predictor MONAI's sliding window calls on each window batch: the whole DDIM chain, once per sample."""
+    import torch
+
+    from diffseg.export.diffusion import alphas_cumprod
+    from diffseg.export.reference import ddim_pairs
+
+    d, defaults = manifest.diffusion, manifest.defaults
+    wanted = {
+        "prediction_type": (d["prediction_type"], "sample"),
+        "clip_sample": (d.get("clip_sample"), True),
+        "eps_convention": (defaults.get("eps_convention"), "recompute"),
+        "eta": (defaults.get("eta", 0.0), 0.0),
+        "channel_order": (manifest.channel_order, "image-first"),
+    }
+    for key, (got, want) in wanted.items():
+        if got != want:
+            raise ValueError(f"the reference loop implements the default package's DDIM ({key}={want!r}), got {got!r}")
+    abar = alphas_cumprod(d["num_train_timesteps"], d["beta_schedule"], d["beta_start"], d["beta_end"])
+    pairs = ddim_pairs(d["num_train_timesteps"], steps, defaults["timestep_spacing"])
+
+    @torch.no_grad()
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        b, patch = window.shape[0], window.shape[2:]
+        prob = torch.zeros((b, 1, *patch))
+        for _ in range(samples):
+            x = torch.randn((b, 1, *patch), generator=generator)
+            for t, t_prev in pairs:
+                x0 = model(torch.cat([window, x], dim=1), torch.full((b,), float(t))).clamp(-1.0, 1.0)
+                counter["forwards"] += b
+                ab, ab_prev = abar[t], (abar[t_prev] if t_prev >= 0 else 1.0)
+                eps = (x - math.sqrt(ab) * x0) / math.sqrt(1.0 - ab)
+                x = math.sqrt(ab_prev) * x0 + math.sqrt(1.0 - ab_prev) * eps
+            prob += ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+        return prob / samples
+
+    return predictor
+
+
+def run_reference(model, case, package, steps, samples, overlap, sw_batch, seed, post_options) -> dict:
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from diffseg.runtime.postprocess import dice
+
+    m = package.manifest
+    timings = {}
+    start = time.perf_counter()
+    image, grid, box = model_input(case.ct, case.pet, m)
+    timings["preprocess"] = time.perf_counter() - start
+    counter = {"forwards": 0}
+    predictor = make_predictor(model, m, steps, samples, torch.Generator().manual_seed(seed), counter)
+    tick = time.perf_counter()
+    prob = sliding_window_inference(
+        torch.from_numpy(image)[None],
+        roi_size=tuple(m.patch_size),
+        sw_batch_size=sw_batch,
+        predictor=predictor,
+        overlap=overlap,
+        mode="gaussian",
+        sigma_scale=0.125,
+        padding_mode="constant",
+        cval=0.0,
+    )[0, 0].numpy()
+    timings["sample"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    post = on_ct_grid(prob, grid, box, case.ct, case.pet, post_options)
+    timings["postprocess"] = time.perf_counter() - tick
+    return {
+        "timings_s": timings,
+        "total_s": sum(timings.values()),
+        "patch_forwards": counter["forwards"],
+        "model_grid_box": [b.stop - b.start for b in box],
+        "dice": dice(post.mask.array, case.mask.array),
+        "lesions": len(post.lesions),
+    }
+
+
+def run_diffseg(segmenter, case) -> dict:
+    from diffseg.runtime.postprocess import dice
+
+    start = time.perf_counter()
+    result = segmenter.predict(case.ct, case.pet)
+    total = time.perf_counter() - start
+    return {
+        "timings_s": result.timings,
+        "total_s": total,
+        "windows": result.windows,
+        "windows_skipped": result.windows_skipped,
+        "patch_forwards": (result.windows - result.windows_skipped)
+        * segmenter.sampler_options.steps
+        * segmenter.sampler_options.num_samples,
+        "dice": dice(result.mask.array, case.mask.array),
+        "lesions": len(result.lesions),
+    }
+
+
+def main() -> int:
+    import torch
+
+    from diffseg.runtime.bench import machine_info, markdown_table
+    from diffseg.runtime.manifest import load_package
+    from diffseg.runtime.phantom import make_phantom, split_seeds
+    from diffseg.runtime.segmenter import Segmenter
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", type=int, nargs="+", default=split_seeds("test")[:2], help="phantom seeds")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--ref-overlap", type=float, default=0.25, help="reference sliding-window overlap (0.25)")
+    parser.add_argument("--ref-sw-batch", type=int, default=1, help="reference sw_batch_size (Diff-UNet: 1)")
+    parser.add_argument("--steps", type=int, help="DDIM steps for both (default: the package's)")
+    parser.add_argument("--samples", type=int, help="samples for both (default: the package's)")
+    parser.add_argument("--name", default="vs_reference", help="result file stem under benchmarks/results/")
+    args = parser.parse_args()
+    test_seeds = set(split_seeds("test"))
+    if not set(args.cases) <= test_seeds:
+        raise SystemExit(f"--cases must be held-out test seeds {sorted(test_seeds)}, got {args.cases}")
+
+    machine = machine_info()
+    package = load_package(args.model)
+    t0 = time.perf_counter()
+    segmenter = Segmenter(args.model, backend="auto", steps=args.steps, samples=args.samples)
+    diffseg_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = torch_model(package)
+    reference_load = time.perf_counter() - t0
+    steps, samples = segmenter.sampler_options.steps, segmenter.sampler_options.num_samples
+    settings = segmenter.settings()
+    print(
+        f"diffseg: {settings['backend']} {settings['precision']}; reference: torch {torch.__version__} eager fp32, "
+        f"{torch.get_num_threads()} threads; {steps} steps x {samples} samples",
+        flush=True,
+    )
+    rows = []
+    for seed in args.cases:
+        case = make_phantom(seed)
+        row = {"seed": seed, "ct_shape": list(case.ct.shape), "load_before": load_average()}
+        row["diffseg"] = run_diffseg(segmenter, case)
+        print(f"seed {seed} diffseg: {row['diffseg']['total_s']:.1f} s, Dice {row['diffseg']['dice']:.4f}", flush=True)
+        row["reference"] = run_reference(
+            model, case, package, steps, samples, args.ref_overlap, args.ref_sw_batch, seed, segmenter.post_options
+        )
+        row["load_after"] = load_average()
+        row["ratio"] = row["reference"]["total_s"] / row["diffseg"]["total_s"]
+        row["sample_ratio"] = row["reference"]["timings_s"]["sample"] / row["diffseg"]["timings_s"]["sample"]
+        row["dice_difference"] = abs(row["diffseg"]["dice"] - row["reference"]["dice"])
+        print(
+            f"seed {seed} reference: {row['reference']['total_s']:.1f} s, Dice {row['reference']['dice']:.4f}; "
+            f"ratio {row['ratio']:.1f}",
+            flush=True,
+        )
+        rows.append(row)
+
+    d_total = sum(r["diffseg"]["total_s"] for r in rows)
+    r_total = sum(r["reference"]["total_s"] for r in rows)
+    summary = {
+        "ratio_end_to_end": r_total / d_total,
+        "ratio_sampling": sum(r["reference"]["timings_s"]["sample"] for r in rows)
+        / sum(r["diffseg"]["timings_s"]["sample"] for r in rows),
+        "mean_dice_diffseg": float(np.mean([r["diffseg"]["dice"] for r in rows])),
+        "mean_dice_reference": float(np.mean([r["reference"]["dice"] for r in rows])),
+        "max_dice_difference": max(r["dice_difference"] for r in rows),
+    }
+    summary["dice_agree_within_0.01"] = summary["max_dice_difference"] <= DICE_TOLERANCE
+    doc = {
+        "machine": machine,
+        "diffseg": {"settings": settings, "load_s": diffseg_load},
+        "reference": {
+            "what": "PyTorch eager fp32, monai sliding_window_inference, DDIM chain per window batch, one per sample",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "overlap": args.ref_overlap,
+            "sw_batch_size": args.ref_sw_batch,
+            "load_s": reference_load,
+        },
+        "steps": steps,
+        "samples": samples,
+        "cases": rows,
+        "summary": summary,
+    }
+    table = [
+        [
+            f"phantom {r['seed']}",
+            "×".join(map(str, r["ct_shape"])),
+            f"{r['diffseg']['windows'] - r['diffseg']['windows_skipped']}/{r['diffseg']['windows']}",
+            f"{r['diffseg']['patch_forwards']} / {r['reference']['patch_forwards']}",
+            f"{r['diffseg']['total_s']:.1f}",
+            f"{r['reference']['total_s']:.1f}",
+            f"**{r['ratio']:.1f}×**",
+            f"{r['diffseg']['dice']:.4f}",
+            f"{r['reference']['dice']:.4f}",
+            f"{r['dice_difference']:.4f}",
+        ]
+        for r in rows
+    ]
+    table.append(
+        [
+            "**all**",
+            "",
+            "",
+            "",
+            f"{d_total:.1f}",
+            f"{r_total:.1f}",
+            f"**{summary['ratio_end_to_end']:.1f}×**",
+            f"{summary['mean_dice_diffseg']:.4f}",
+            f"{summary['mean_dice_reference']:.4f}",
+            f"{summary['max_dice_difference']:.4f} (max)",
+        ]
+    )
+    header = [
+        "case",
+        "CT z×y×x",
+        "windows run (diffseg)",
+        "patch-forwards diffseg / ref",
+        "diffseg s",
+        "reference s",
+        "ratio",
+        "Dice diffseg",
+        "Dice reference",
+        "ΔDice (abs)",
+    ]
+    loads = [v for r in rows for v in (r["load_before"] or [])[:1] + (r["load_after"] or [])[:1]]
+    md = (
+        f"diffseg `{settings['backend']} {settings['precision']}` (auto) vs the PyTorch + MONAI research loop "
+        f"(eager fp32, DDIM chain per window, overlap {args.ref_overlap}, sw_batch_size {args.ref_sw_batch}), "
+        f"model `{package.manifest.name}`, DDIM {steps} steps × {samples} samples, held-out test phantoms.\n\n"
+        f"Machine: {machine_header(machine)}; 1-min load average {min(loads):.1f}–{max(loads):.1f} during the runs "
+        f"(the machine was shared).\n\nCommand: `{' '.join(['python benchmarks/vs_reference.py', *sys.argv[1:]])}`\n\n"
+        + markdown_table(header, table)
+        + f"\n\nEnd-to-end ratio {summary['ratio_end_to_end']:.1f}×, sampling-stage ratio "
+        f"{summary['ratio_sampling']:.1f}×; Dice agree within 0.01: {summary['dice_agree_within_0.01']}.\n"
+    )
+    json_path, md_path = write_results(args.name, doc, md)
+    print(md)
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
