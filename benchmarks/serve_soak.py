@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> dict:
         finally:
             stop_rc = node.stop()
             pacs.stop()
+    expected_instances = {uid: len(list(folder.rglob("*.dcm"))) for uid, folder in studies.items()}
     lost = sorted(uid for uid, n in segs.items() if n == 0)
     duplicated = sum(max(0, n - 1) for n in segs.values())
     return {
@@ -135,6 +136,8 @@ def run(args: argparse.Namespace) -> dict:
         "kills": kills,
         "jobs": final,
         "jobs_resegmented_after_kill": sum(1 for j in jobs if j["runs"] > 1),
+        # a job that started before its study had fully arrived (e.g. a kill cut a push short)
+        "jobs_on_incomplete_studies": sum(1 for j in jobs if j["instances"] != expected_instances[j["study_uid"]]),
         "seg_sends_confirmed_per_study": sorted(set(confirmations.values())),
         "studies_confirmed_more_than_once": sum(1 for n in confirmations.values() if n > 1),
         "push_tries_total": sum(log["push_tries"].values()),
