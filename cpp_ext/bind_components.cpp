@@ -67,6 +67,31 @@ std::int64_t dtype_capacity(const std::string& k) {
     return -1;
 }
 
+// A paint touches only the rows that hold runs. When few do, small pages keep the untouched ones unmaterialised
+// (numpy's own zeroed arrays get transparent huge pages, and a 2 MiB page is zeroed as a whole on first touch).
+bool sparse_output(const Workspace& ws) {
+    const std::int64_t rows = ws.shape.rows();
+    return rows > 0 && diffseg::cc::rows_with_runs(ws) * 4 < rows;
+}
+
+// A new zeroed C-ordered array shaped like `like`, on pages mapped here and released with the array.
+py::array zeroed_array(const py::array& like, const py::dtype& dt, bool sparse) {
+    struct Mapping {
+        void* data;
+        std::size_t bytes;
+    };
+    std::size_t bytes = static_cast<std::size_t>(dt.itemsize());
+    for (py::ssize_t i = 0; i < like.ndim(); ++i) bytes *= static_cast<std::size_t>(like.shape(i));
+    auto* mapping = new Mapping{diffseg::map_bytes(bytes, !sparse), bytes};
+    py::capsule owner(mapping, [](void* p) {
+        auto* m = static_cast<Mapping*>(p);
+        diffseg::unmap_bytes(m->data, m->bytes);
+        delete m;
+    });
+    std::vector<py::ssize_t> shape(like.shape(), like.shape() + like.ndim());
+    return py::array(dt, shape, mapping->data, owner);
+}
+
 // The labels array: `out` (checked) or a new zeroed array of `dtype` (None: the smallest unsigned type for n).
 py::array labels_array(const Workspace& ws, const py::array& mask, const py::object& out, const py::object& dtype,
                        bool& zero_background) {
@@ -86,7 +111,6 @@ py::array labels_array(const Workspace& ws, const py::array& mask, const py::obj
         return o;
     }
     std::string name = dtype.is_none() ? smallest_label_dtype(n) : py::str(dtype).cast<std::string>();
-    py::module_ np = py::module_::import("numpy");
     py::dtype dt(name);
     const std::string k = std::string(1, dt.kind()) + std::to_string(dt.itemsize());
     const std::int64_t cap = dtype_capacity(k);
@@ -94,7 +118,7 @@ py::array labels_array(const Workspace& ws, const py::array& mask, const py::obj
     if (n > cap)
         throw std::invalid_argument("dtype " + name + " cannot hold " + std::to_string(n) + " components");
     zero_background = false;
-    return np.attr("zeros")(py::make_tuple(mask.shape(0), mask.shape(1), mask.shape(2)), dt);
+    return zeroed_array(mask, dt, sparse_output(ws));
 }
 
 void paint_any(const Workspace& ws, py::array& labels, bool zero_background, int threads) {
@@ -236,8 +260,7 @@ py::tuple remove_small(const py::array& mask, int connectivity, bool multilabel,
     py::array result;
     bool zero_background;
     if (out.is_none()) {
-        py::module_ np = py::module_::import("numpy");
-        result = np.attr("zeros")(py::make_tuple(mask.shape(0), mask.shape(1), mask.shape(2)), mask.dtype());
+        result = zeroed_array(mask, mask.dtype(), sparse_output(*ws));
         zero_background = false;
     } else {
         result = py::reinterpret_borrow<py::array>(out);

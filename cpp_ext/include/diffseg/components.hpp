@@ -312,18 +312,60 @@ inline void unite_row_with_neighbours(Workspace& ws, std::int64_t z, std::int64_
 
 // ---------------------------------------------------------------------------------------------- labelling
 
-// Steps 1-3 above: fills ws.runs/values/row_start/parent/label and ws.n_components.
+// Step 1 for one thread: the runs of slab [z0, z1) into the thread's buffers, with row_start[r] relative to the
+// slab. Values are stored only if `keep_values`; their range is returned in vmin/vmax.
 template <class T>
-void label_runs(Workspace& ws, const T* data, Shape shape, int connectivity, bool multilabel, int threads) {
+void extract_slab(Workspace& ws, const T* data, const Shape& shape, int t, std::int64_t z0, std::int64_t z1,
+                  bool multilabel, bool keep_values, std::uint64_t& vmin, std::uint64_t& vmax) {
+    ScratchArray<Run>& truns = ws.thread_runs[t];
+    ScratchArray<std::uint64_t>& tvals = ws.thread_values[t];
+    truns.clear();
+    tvals.clear();
+    // A row holds at most nx/2 + 1 runs of one value, nx of several; reserving that much per row lets the
+    // emitter write without capacity checks.
+    const std::size_t row_cap = static_cast<std::size_t>(multilabel ? shape.nx : shape.nx / 2 + 1);
+    std::uint64_t lo = std::numeric_limits<std::uint64_t>::max(), hi = 0;
+    for (std::int64_t z = z0; z < z1; ++z) {
+        for (std::int64_t y = 0; y < shape.ny; ++y) {
+            const std::int64_t r = z * shape.ny + y;
+            const std::size_t base = truns.size();
+            ws.row_start[r] = static_cast<std::int64_t>(base);
+            truns.reserve(base + row_cap);
+            if (keep_values) tvals.reserve(base + row_cap);
+            Run* const out = truns.data() + base;
+            std::uint64_t* const vout = keep_values ? tvals.data() + base : nullptr;
+            std::size_t n = 0;
+            scan_row<T>(data + r * shape.nx, shape.nx, multilabel,
+                        [&](std::int64_t x0, std::int64_t x1, std::uint64_t v) {
+                            out[n] = Run{static_cast<std::int32_t>(x0), static_cast<std::int32_t>(x1)};
+                            if (vout) {
+                                vout[n] = v;
+                                lo = v < lo ? v : lo;
+                                hi = v > hi ? v : hi;
+                            }
+                            ++n;
+                        });
+            truns.resize(base + n);
+            if (keep_values) tvals.resize(base + n);
+        }
+    }
+    vmin = lo;
+    vmax = hi;
+}
+
+// Steps 1-3 (see the top of this file), or only step 1 when `unite` is false. Fills ws.runs, ws.values (if
+// keep_values), ws.row_start and, when uniting, ws.parent, ws.label and ws.n_components.
+template <class T>
+void build_runs(Workspace& ws, const T* data, Shape shape, int connectivity, bool multilabel, bool keep_values,
+                bool unite, int threads) {
     NeighbourRow nb[4];
-    const int n_nb = neighbour_rows(connectivity, nb);
+    const int n_nb = unite ? neighbour_rows(connectivity, nb) : 0;
     ws.shape = shape;
     ws.multilabel = multilabel;
     ws.n_runs = 0;
     ws.n_components = 0;
     const std::int64_t rows = shape.rows();
     ws.row_start.resize(static_cast<std::size_t>(rows + 1));
-    ws.row_start[0] = 0;
     if (shape.voxels() == 0) {
         for (std::int64_t r = 0; r <= rows; ++r) ws.row_start[r] = 0;
         return;
@@ -336,6 +378,7 @@ void label_runs(Workspace& ws, const T* data, Shape shape, int connectivity, boo
         ws.thread_values.resize(nt);
     }
     ws.slab_offset.assign(static_cast<std::size_t>(nt) + 1, 0);
+    std::vector<std::uint64_t> vmin(nt, std::numeric_limits<std::uint64_t>::max()), vmax(nt, 0);
     bool too_many_runs = false;
     int used_threads = nt;
 
@@ -351,22 +394,7 @@ void label_runs(Workspace& ws, const T* data, Shape shape, int connectivity, boo
         const int t = thread_index();
         std::int64_t z0, z1;
         split_range(shape.nz, team, t, z0, z1);
-        ScratchArray<Run>& truns = ws.thread_runs[t];
-        ScratchArray<std::uint64_t>& tvals = ws.thread_values[t];
-        truns.clear();
-        tvals.clear();
-        // Step 1: runs of the slab, with row starts relative to the slab.
-        for (std::int64_t z = z0; z < z1; ++z) {
-            for (std::int64_t y = 0; y < shape.ny; ++y) {
-                const std::int64_t r = z * shape.ny + y;
-                ws.row_start[r] = static_cast<std::int64_t>(truns.size());
-                const T* row = data + r * shape.nx;
-                scan_row<T>(row, shape.nx, multilabel, [&](std::int64_t x0, std::int64_t x1, std::uint64_t v) {
-                    truns.push_back(Run{static_cast<std::int32_t>(x0), static_cast<std::int32_t>(x1)});
-                    tvals.push_back(v);
-                });
-            }
-        }
+        extract_slab<T>(ws, data, shape, t, z0, z1, multilabel, keep_values, vmin[t], vmax[t]);
 #ifdef _OPENMP
 #pragma omp barrier
 #pragma omp single
@@ -380,128 +408,88 @@ void label_runs(Workspace& ws, const T* data, Shape shape, int connectivity, boo
                 too_many_runs = true;
             } else {
                 ws.runs.resize(static_cast<std::size_t>(ws.n_runs));
-                ws.values.resize(static_cast<std::size_t>(ws.n_runs));
-                ws.parent.resize(static_cast<std::size_t>(ws.n_runs));
-                ws.label.resize(static_cast<std::size_t>(ws.n_runs));
+                if (keep_values) ws.values.resize(static_cast<std::size_t>(ws.n_runs));
+                if (unite) {
+                    ws.parent.resize(static_cast<std::size_t>(ws.n_runs));
+                    ws.label.resize(static_cast<std::size_t>(ws.n_runs));
+                }
                 ws.row_start[rows] = ws.n_runs;
+                // A multi-label pass over a mask with a single value needs no value checks.
+                if (multilabel) {
+                    std::uint64_t lo = std::numeric_limits<std::uint64_t>::max(), hi = 0;
+                    for (int k = 0; k < team; ++k) {
+                        lo = std::min(lo, vmin[k]);
+                        hi = std::max(hi, vmax[k]);
+                    }
+                    if (lo >= hi) ws.multilabel = false;
+                }
             }
         }
         if (!too_many_runs) {
-            // Step 2: gather into global arrays, then unite within the slab.
+            // Step 2: gather into the global arrays, then unite within the slab.
             const std::int64_t off = ws.slab_offset[t];
-            const std::size_t count = truns.size();
+            const std::size_t count = ws.thread_runs[t].size();
             if (count) {
-                std::memcpy(ws.runs.data() + off, truns.data(), count * sizeof(Run));
-                std::memcpy(ws.values.data() + off, tvals.data(), count * sizeof(std::uint64_t));
+                std::memcpy(ws.runs.data() + off, ws.thread_runs[t].data(), count * sizeof(Run));
+                if (keep_values)
+                    std::memcpy(ws.values.data() + off, ws.thread_values[t].data(), count * sizeof(std::uint64_t));
             }
-            for (std::int64_t i = 0; i < static_cast<std::int64_t>(count); ++i)
-                ws.parent[off + i] = static_cast<std::int32_t>(off + i);
             for (std::int64_t r = z0 * shape.ny; r < z1 * shape.ny; ++r) ws.row_start[r] += off;
+            if (unite) {
+                for (std::int64_t i = 0; i < static_cast<std::int64_t>(count); ++i)
+                    ws.parent[off + i] = static_cast<std::int32_t>(off + i);
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-            for (std::int64_t z = z0; z < z1; ++z)
-                for (std::int64_t y = 0; y < shape.ny; ++y) unite_row_with_neighbours(ws, z, y, nb, n_nb, z0);
+                for (std::int64_t z = z0; z < z1; ++z)
+                    for (std::int64_t y = 0; y < shape.ny; ++y) unite_row_with_neighbours(ws, z, y, nb, n_nb, z0);
+            }
         }
     }
     if (too_many_runs) throw std::invalid_argument("the volume has more than 2^31 runs; split it into parts");
+    ws.threads = used_threads;
+    if (!unite) return;
 
     // Seams between slabs: the first plane of each slab against the plane before it.
+    NeighbourRow down[4];
+    int n_down = 0;
+    for (int k = 0; k < n_nb; ++k)
+        if (nb[k].dz == -1) down[n_down++] = nb[k];
     for (int t = 1; t < used_threads; ++t) {
         std::int64_t z0, z1;
         split_range(shape.nz, used_threads, t, z0, z1);
         if (z0 >= z1 || z0 == 0) continue;
-        NeighbourRow down[4];
-        int n_down = 0;
-        for (int k = 0; k < n_nb; ++k)
-            if (nb[k].dz == -1) down[n_down++] = nb[k];
         for (std::int64_t y = 0; y < shape.ny; ++y) unite_row_with_neighbours(ws, z0, y, down, n_down, 0);
     }
 
     // Step 3: number the roots in run order; parent[i] <= i, so the parent's number is already known.
-    std::int32_t* parent = ws.parent.data();
+    const std::int32_t* parent = ws.parent.data();
     std::uint32_t* label = ws.label.data();
     std::int64_t n = 0;
     for (std::int64_t i = 0; i < ws.n_runs; ++i) {
         const std::int32_t p = parent[i];
-        if (p == i) {
-            label[i] = static_cast<std::uint32_t>(++n);
-        } else {
-            label[i] = label[p];
-        }
+        label[i] = p == i ? static_cast<std::uint32_t>(++n) : label[p];
     }
     ws.n_components = n;
-    ws.threads = used_threads;
+}
+
+// Labels the components of a mask (steps 1-3).
+template <class T>
+void label_runs(Workspace& ws, const T* data, Shape shape, int connectivity, bool multilabel, int threads) {
+    build_runs<T>(ws, data, shape, connectivity, multilabel, multilabel, true, threads);
 }
 
 // Runs of a label image (each run holds one value), without uniting: for statistics of given labels.
 template <class T>
 void collect_runs(Workspace& ws, const T* data, Shape shape, int threads) {
-    ws.shape = shape;
-    ws.multilabel = true;
-    ws.n_runs = 0;
-    ws.n_components = 0;
-    const std::int64_t rows = shape.rows();
-    ws.row_start.resize(static_cast<std::size_t>(rows + 1));
-    for (std::int64_t r = 0; r <= rows; ++r) ws.row_start[r] = 0;
-    if (shape.voxels() == 0) return;
-    if (shape.nx > std::numeric_limits<std::int32_t>::max() - 2)
-        throw std::invalid_argument("the x axis is too long for this kernel (more than 2^31 voxels)");
-    const int nt = resolve_threads(threads, shape.nz);
-    if (static_cast<int>(ws.thread_runs.size()) < nt) {
-        ws.thread_runs.resize(nt);
-        ws.thread_values.resize(nt);
-    }
-    ws.slab_offset.assign(static_cast<std::size_t>(nt) + 1, 0);
-    int used_threads = nt;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-    {
-#ifdef _OPENMP
-        const int team = omp_get_num_threads();
-#else
-        const int team = 1;
-#endif
-        const int t = thread_index();
-        std::int64_t z0, z1;
-        split_range(shape.nz, team, t, z0, z1);
-        ScratchArray<Run>& truns = ws.thread_runs[t];
-        ScratchArray<std::uint64_t>& tvals = ws.thread_values[t];
-        truns.clear();
-        tvals.clear();
-        for (std::int64_t z = z0; z < z1; ++z) {
-            for (std::int64_t y = 0; y < shape.ny; ++y) {
-                const std::int64_t r = z * shape.ny + y;
-                ws.row_start[r] = static_cast<std::int64_t>(truns.size());
-                scan_row<T>(data + r * shape.nx, shape.nx, true,
-                            [&](std::int64_t x0, std::int64_t x1, std::uint64_t v) {
-                                truns.push_back(Run{static_cast<std::int32_t>(x0), static_cast<std::int32_t>(x1)});
-                                tvals.push_back(v);
-                            });
-            }
-        }
-#ifdef _OPENMP
-#pragma omp barrier
-#pragma omp single
-#endif
-        {
-            used_threads = team;
-            for (int k = 0; k < team; ++k)
-                ws.slab_offset[k + 1] = ws.slab_offset[k] + static_cast<std::int64_t>(ws.thread_runs[k].size());
-            ws.n_runs = ws.slab_offset[team];
-            ws.runs.resize(static_cast<std::size_t>(ws.n_runs));
-            ws.values.resize(static_cast<std::size_t>(ws.n_runs));
-            ws.row_start[rows] = ws.n_runs;
-        }
-        const std::int64_t off = ws.slab_offset[t];
-        if (truns.size()) {
-            std::memcpy(ws.runs.data() + off, truns.data(), truns.size() * sizeof(Run));
-            std::memcpy(ws.values.data() + off, tvals.data(), tvals.size() * sizeof(std::uint64_t));
-        }
-        for (std::int64_t r = z0 * shape.ny; r < z1 * shape.ny; ++r) ws.row_start[r] += off;
-    }
-    ws.threads = used_threads;
+    build_runs<T>(ws, data, shape, 26, true, true, false, threads);
+}
+
+// Rows that hold at least one run (a measure of how many output pages painting will touch).
+inline std::int64_t rows_with_runs(const Workspace& ws) {
+    std::int64_t n = 0;
+    for (std::int64_t r = 0; r < ws.shape.rows(); ++r) n += ws.row_start[r + 1] != ws.row_start[r];
+    return n;
 }
 
 // ---------------------------------------------------------------------------------------------- painting
@@ -587,20 +575,33 @@ void run_intensity(Workspace& ws, const V* image, int threads) {
     double* rs = ws.run_sum.data();
     double* rm = ws.run_max.data();
     const Run* runs = ws.runs.data();
-    const std::int64_t nx = ws.shape.nx;
+    const std::int64_t* row_start = ws.row_start.data();
+    const std::int64_t nx = ws.shape.nx, rows = ws.shape.rows();
+    // Runs of a sparse mask sit in rows far apart, so each run's image data is a cache miss; fetch the runs of
+    // the row `ahead` rows on while summing this one.
+    const std::int64_t ahead = 2;
     for_each_row(ws, threads, [&](std::int64_t r, std::int64_t b, std::int64_t e) {
+        if (r + ahead < rows) {
+            const V* next = image + (r + ahead) * nx;
+            for (std::int64_t i = row_start[r + ahead]; i < row_start[r + ahead + 1]; ++i) {
+#if defined(__GNUC__)
+                __builtin_prefetch(next + runs[i].x0);
+                __builtin_prefetch(next + runs[i].x1 - 1);
+#endif
+            }
+        }
         const V* row = image + r * nx;
         for (std::int64_t i = b; i < e; ++i) {
-            double s = 0.0, m = -std::numeric_limits<double>::infinity();
+            double sum = 0.0, max = -std::numeric_limits<double>::infinity();
             bool nan = false;
             for (std::int32_t x = runs[i].x0; x < runs[i].x1; ++x) {
                 const double v = static_cast<double>(row[x]);
-                s += v;
-                m = v > m ? v : m;
+                sum += v;
+                max = v > max ? v : max;
                 nan |= (v != v);
             }
-            rs[i] = s;
-            rm[i] = nan ? std::numeric_limits<double>::quiet_NaN() : m;
+            rs[i] = sum;
+            rm[i] = nan ? std::numeric_limits<double>::quiet_NaN() : max;
         }
     });
 }

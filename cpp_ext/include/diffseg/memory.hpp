@@ -31,17 +31,22 @@
 
 namespace diffseg {
 
-// Raw page-backed allocation; large blocks are marked for transparent huge pages.
-inline void* map_bytes(std::size_t bytes) {
+// Raw zeroed page-backed allocation. Large blocks are marked for transparent huge pages (a 2 MiB fault costs
+// far less than 512 small ones), unless `huge_pages` is false: then only the 4 KiB pages actually written are
+// ever materialised, which is cheaper for an output that will be written sparsely.
+inline void* map_bytes(std::size_t bytes, bool huge_pages = true) {
     if (bytes == 0) return nullptr;
 #if DIFFSEG_HAVE_MMAP
     void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) throw std::bad_alloc();
-#ifdef MADV_HUGEPAGE
-    if (bytes >= (std::size_t(2) << 20)) madvise(p, bytes, MADV_HUGEPAGE);
+#if defined(MADV_HUGEPAGE) && defined(MADV_NOHUGEPAGE)
+    if (bytes >= (std::size_t(2) << 20)) madvise(p, bytes, huge_pages ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+#else
+    (void)huge_pages;
 #endif
     return p;
 #else
+    (void)huge_pages;
     void* p = std::calloc(bytes, 1);
     if (!p) throw std::bad_alloc();
     return p;

@@ -34,6 +34,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "diffseg/memory.hpp"
 #include "diffseg/parallel.hpp"
 
@@ -109,6 +113,7 @@ inline std::int64_t nearest_index(double c) { return static_cast<std::int64_t>(s
 
 struct AxisTable {
     std::int64_t lo = 0, hi = 0;  // output indices [lo, hi) are inside the input along this axis
+    std::int64_t pair_lo = 0, pair_hi = 0;  // [pair_lo, pair_hi): i0 + 1 is inside too (both taps in one load)
     std::vector<std::int32_t> i0, i1, nearest;
     std::vector<double> w;
 };
@@ -136,6 +141,12 @@ inline AxisTable make_axis_table(std::int64_t n_out, std::int64_t n_in, C&& c_of
     }
     t.lo = lo < 0 ? 0 : lo;
     t.hi = lo < 0 ? 0 : hi;
+    // i0 is monotone (decreasing on flipped axes), so the entries at the last input voxel form a prefix or a
+    // suffix of [lo, hi).
+    t.pair_lo = t.lo;
+    while (t.pair_lo < t.hi && t.i0[t.pair_lo] + 1 >= n_in) ++t.pair_lo;
+    t.pair_hi = t.pair_lo;
+    while (t.pair_hi < t.hi && t.i0[t.pair_hi] + 1 < n_in) ++t.pair_hi;
     return t;
 }
 
@@ -186,20 +197,74 @@ inline void fill_n(T* p, std::int64_t n, T v) {
 
 // ------------------------------------------------------------------------------------- linear, separable
 
+#if defined(__SSE2__)
+// Two neighbouring voxels p[0], p[1] as doubles (one load).
+template <class T>
+inline __m128d load_pair(const T* p);
+template <>
+inline __m128d load_pair<float>(const float* p) {
+    std::int64_t bits;  // 8 bytes at 4-byte alignment: memcpy, not a (misaligned) double load
+    std::memcpy(&bits, p, 8);
+    return _mm_cvtps_pd(_mm_castsi128_ps(_mm_cvtsi64_si128(bits)));
+}
+template <>
+inline __m128d load_pair<double>(const double* p) {
+    return _mm_loadu_pd(p);
+}
+template <>
+inline __m128d load_pair<std::int16_t>(const std::int16_t* p) {
+    std::int32_t bits;
+    std::memcpy(&bits, p, 4);
+    const __m128i v = _mm_cvtsi32_si128(bits);
+    return _mm_cvtepi32_pd(_mm_srai_epi32(_mm_unpacklo_epi16(v, v), 16));
+}
+template <>
+inline __m128d load_pair<std::uint16_t>(const std::uint16_t* p) {
+    std::int32_t bits;
+    std::memcpy(&bits, p, 4);
+    return _mm_cvtepi32_pd(_mm_unpacklo_epi16(_mm_cvtsi32_si128(bits), _mm_setzero_si128()));
+}
+template <>
+inline __m128d load_pair<std::uint8_t>(const std::uint8_t* p) {
+    std::uint16_t bits;
+    std::memcpy(&bits, p, 2);
+    const __m128i z = _mm_setzero_si128();
+    const __m128i v = _mm_unpacklo_epi8(_mm_cvtsi32_si128(bits), z);
+    return _mm_cvtepi32_pd(_mm_unpacklo_epi16(v, z));
+}
+
+// a + (b - a) * w, or a where w == 0 (ITK skips the axis there; this keeps NaN/inf neighbours out).
+inline __m128d lerp2(__m128d a, __m128d b, __m128d w) {
+    const __m128d r = _mm_add_pd(a, _mm_mul_pd(_mm_sub_pd(b, a), w));
+    const __m128d zero_w = _mm_cmpeq_pd(w, _mm_setzero_pd());
+    return _mm_or_pd(_mm_and_pd(zero_w, a), _mm_andnot_pd(zero_w, r));
+}
+#endif
+
 // x pass of one input row: dst[i - lo] = lerp of row at the x table, for i in [lo, hi).
 template <class Tin>
 inline void lerp_row_x(const Tin* row, const AxisTable& tx, double* dst) {
-    const std::int32_t* i0 = tx.i0.data();
-    const std::int32_t* i1 = tx.i1.data();
-    const double* w = tx.w.data();
-    const std::int64_t lo = tx.lo, hi = tx.hi;
-    for (std::int64_t i = lo; i < hi; ++i) {
+    const std::int32_t* const i0 = tx.i0.data();
+    const double* const w = tx.w.data();
+    const std::int32_t* const i1 = tx.i1.data();
+    const std::int64_t lo = tx.lo, hi = tx.hi, pair_lo = tx.pair_lo, pair_hi = tx.pair_hi;
+    auto scalar = [&](std::int64_t i) {
         const double a = static_cast<double>(row[i0[i]]);
-        const double b = static_cast<double>(row[i1[i]]);
         const double wi = w[i];
-        const double r = a + (b - a) * wi;
-        dst[i - lo] = wi == 0.0 ? a : r;
+        dst[i - lo] = wi == 0.0 ? a : a + (static_cast<double>(row[i1[i]]) - a) * wi;
+    };
+    std::int64_t i = lo;
+    for (; i < pair_lo; ++i) scalar(i);
+#if defined(__SSE2__)
+    // Where i0 + 1 is inside the row, both taps come from one load.
+    for (; i + 2 <= pair_hi; i += 2) {
+        const __m128d p0 = load_pair<Tin>(row + i0[i]);
+        const __m128d p1 = load_pair<Tin>(row + i0[i + 1]);
+        const __m128d r = lerp2(_mm_unpacklo_pd(p0, p1), _mm_unpackhi_pd(p0, p1), _mm_loadu_pd(w + i));
+        _mm_storeu_pd(dst + (i - lo), r);
     }
+#endif
+    for (; i < hi; ++i) scalar(i);
 }
 
 inline void lerp_rows(const double* a, const double* b, double w, std::int64_t n, double* dst) {
@@ -210,12 +275,41 @@ inline void lerp_rows(const double* a, const double* b, double w, std::int64_t n
     for (std::int64_t i = 0; i < n; ++i) dst[i] = a[i] + (b[i] - a[i]) * w;
 }
 
+// Output row of the z pass, rounded to float32 once; the body uses non-temporal stores (the output is written
+// once and not read back here, so it should not evict the ring buffers). Call store_fence() when done.
+#ifndef DIFFSEG_STORE_PS
+#define DIFFSEG_STORE_PS _mm_stream_ps
+#endif
 inline void lerp_rows_to_float(const double* a, const double* b, double w, std::int64_t n, float* dst) {
-    if (w == 0.0) {
-        for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(a[i]);
-        return;
+    std::int64_t i = 0;
+#if defined(__SSE2__)
+    while (i < n && (reinterpret_cast<std::uintptr_t>(dst + i) & 15) != 0) {
+        dst[i] = static_cast<float>(w == 0.0 ? a[i] : a[i] + (b[i] - a[i]) * w);
+        ++i;
     }
-    for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(a[i] + (b[i] - a[i]) * w);
+    if (w == 0.0) {
+        for (; i + 4 <= n; i += 4) {
+            const __m128 lo = _mm_cvtpd_ps(_mm_loadu_pd(a + i));
+            const __m128 hi = _mm_cvtpd_ps(_mm_loadu_pd(a + i + 2));
+            DIFFSEG_STORE_PS(dst + i, _mm_movelh_ps(lo, hi));
+        }
+    } else {
+        const __m128d wv = _mm_set1_pd(w);
+        for (; i + 4 <= n; i += 4) {
+            const __m128d a0 = _mm_loadu_pd(a + i), a1 = _mm_loadu_pd(a + i + 2);
+            const __m128d r0 = _mm_add_pd(a0, _mm_mul_pd(_mm_sub_pd(_mm_loadu_pd(b + i), a0), wv));
+            const __m128d r1 = _mm_add_pd(a1, _mm_mul_pd(_mm_sub_pd(_mm_loadu_pd(b + i + 2), a1), wv));
+            DIFFSEG_STORE_PS(dst + i, _mm_movelh_ps(_mm_cvtpd_ps(r0), _mm_cvtpd_ps(r1)));
+        }
+    }
+#endif
+    for (; i < n; ++i) dst[i] = static_cast<float>(w == 0.0 ? a[i] : a[i] + (b[i] - a[i]) * w);
+}
+
+inline void store_fence() {
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
 }
 
 template <class Tin>
@@ -252,7 +346,7 @@ void linear_separable(const Tin* src, Shape in, float* out, Shape os, const Inde
         ring.resize(static_cast<std::size_t>(2 * block * std::max<std::int64_t>(nxv, 1)));
         xr.resize(static_cast<std::size_t>(max_xrows * std::max<std::int64_t>(nxv, 1)));
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
 #endif
         for (std::int64_t blk = 0; blk < n_blocks; ++blk) {
             const std::int64_t jb = blk * block, je = std::min(os.ny, jb + block);
@@ -308,18 +402,22 @@ void linear_separable(const Tin* src, Shape in, float* out, Shape os, const Inde
                     if (!t1) t1 = make_slice(s1, s0);
                     t0 = slice(s0);  // make_slice never evicts s0, but re-read the pointer for clarity
                 }
-                for (std::int64_t j = jb; j < je; ++j) {
+                fill_n(base + jb * os.nx, (vb - jb) * os.nx, fill);
+                fill_n(base + ve * os.nx, (je - ve) * os.nx, fill);
+                if (nxv == os.nx) {  // whole rows inside: the block's rows are one contiguous span
+                    lerp_rows_to_float(t0 + (vb - jb) * nxv, t1 + (vb - jb) * nxv, wz, (ve - vb) * nxv,
+                                       base + vb * os.nx);
+                    continue;
+                }
+                for (std::int64_t j = vb; j < ve; ++j) {
                     float* row = base + j * os.nx;
-                    if (j < vb || j >= ve) {
-                        fill_n(row, os.nx, fill);
-                        continue;
-                    }
                     fill_n(row, tx.lo, fill);
                     lerp_rows_to_float(t0 + (j - jb) * nxv, t1 + (j - jb) * nxv, wz, nxv, row + tx.lo);
                     fill_n(row + tx.hi, os.nx - tx.hi, fill);
                 }
             }
         }
+        store_fence();  // order this thread's non-temporal stores before the region's closing barrier
     }
 }
 
@@ -413,7 +511,8 @@ void nearest(const T* src, Shape in, T* out, Shape os, const IndexMap& map, T fi
         bool contiguous = tx.hi > tx.lo;
         for (std::int64_t i = tx.lo + 1; i < tx.hi && contiguous; ++i)
             contiguous = tx.nearest[i] == tx.nearest[i - 1] + 1;
-        const std::int32_t* xi = tx.nearest.data();
+        const std::int32_t* const xi = tx.nearest.data();
+        const std::int64_t x_lo = tx.lo, x_hi = tx.hi;
         const std::int64_t rows = os.nz * os.ny;
         const int nt = resolve_threads(threads, rows);
 #ifdef _OPENMP
@@ -427,13 +526,22 @@ void nearest(const T* src, Shape in, T* out, Shape os, const IndexMap& map, T fi
                 continue;
             }
             const T* s = src + (static_cast<std::int64_t>(tz.nearest[k]) * in.ny + ty.nearest[j]) * in.nx;
-            fill_n(row, tx.lo, fill);
+            fill_n(row, x_lo, fill);
             if (contiguous) {
-                std::memcpy(row + tx.lo, s + xi[tx.lo], sizeof(T) * static_cast<std::size_t>(tx.hi - tx.lo));
+                std::memcpy(row + x_lo, s + xi[x_lo], sizeof(T) * static_cast<std::size_t>(x_hi - x_lo));
             } else {
-                for (std::int64_t i = tx.lo; i < tx.hi; ++i) row[i] = s[xi[i]];
+                // Bounds and tables are locals: byte stores may alias anything, which would force reloads.
+                std::int64_t i = x_lo;
+                for (; i + 4 <= x_hi; i += 4) {
+                    const T v0 = s[xi[i]], v1 = s[xi[i + 1]], v2 = s[xi[i + 2]], v3 = s[xi[i + 3]];
+                    row[i] = v0;
+                    row[i + 1] = v1;
+                    row[i + 2] = v2;
+                    row[i + 3] = v3;
+                }
+                for (; i < x_hi; ++i) row[i] = s[xi[i]];
             }
-            fill_n(row + tx.hi, os.nx - tx.hi, fill);
+            fill_n(row + x_hi, os.nx - x_hi, fill);
         }
         return;
     }
