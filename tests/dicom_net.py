@@ -398,8 +398,12 @@ class NodeProcess:
         cmd = [*DIFFSEG, "serve", "--status", "--json", "--spool", str(self.spool)]
         if self.tmpfs_size is not None:
             cmd = ["nsenter", "-t", str(self.process.pid), "-m", *cmd]
-        out = subprocess.run(cmd, cwd=self.workdir, capture_output=True, text=True, timeout=60, check=True)
-        return json.loads(out.stdout)
+        for attempt in range(3):  # tolerate a moment when the shared developer install is being rebuilt
+            out = subprocess.run(cmd, cwd=self.workdir, capture_output=True, text=True, timeout=60)
+            if out.returncode == 0:
+                return json.loads(out.stdout)
+            time.sleep(2.0 * (attempt + 1))
+        raise RuntimeError(f"diffseg serve --status failed ({out.returncode}): {out.stderr[-2000:]}")
 
     def stop(self) -> int:
         """SIGTERM and wait; returns the exit code."""
