@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bind_common.hpp"
+#include "diffseg/component_stats.hpp"
 #include "diffseg/components.hpp"
 
 namespace py = pybind11;

@@ -1,20 +1,22 @@
-// Connected components of 3D binary and multi-label volumes, and per-component statistics, on x-runs.
+// Connected components of 3D binary and multi-label volumes on x-runs (statistics: component_stats.hpp).
 //
 // Algorithm (run-based two-pass labelling):
 //   1. Each x-row of the C-ordered [z, y, x] volume is encoded as runs [x0, x1) of equal non-zero value (binary
 //      mode: of any non-zero value). Rows are scanned 64 voxels at a time with SSE2 compare + movemask into
 //      64-bit masks; runs are read off the mask transitions with count-trailing-zeros, and all-zero chunks cost
-//      one compare. Threads take contiguous z slabs.
+//      one compare. Threads take chunks of z planes.
 //   2. Each run is united (union-find over run indices, union by minimum index, path halving) with the runs it
 //      touches in the rows of its previous half-neighbourhood: (z, y-1) and (z-1, y) for 6-connectivity; plus
 //      (z-1, y±1) for 18; with runs widened by one voxel along x where the offset allows a diagonal step
-//      (18: in-plane and straight-down rows; 26: all four rows). Unions stay inside a thread's slab; the slab
-//      seams are joined afterwards on one thread.
+//      (18: in-plane and straight-down rows; 26: all four rows). Unions stay inside a chunk; the chunk seams
+//      are joined afterwards on one thread.
 //   3. Because every tree's root is its smallest run index, and runs are stored in raster order, numbering roots
 //      in run order numbers components by the raster position of their first voxel -- the convention of
 //      scipy.ndimage.label and cc3d.
 //   4. Outputs are painted run by run (background pages of a zeroed output are never touched), and statistics,
 //      size filtering and largest-K selection work on runs: O(runs), not O(voxels).
+// Peers for comparison: cc3d (voxel decision tree, SAUF), ITK's ConnectedComponentImageFilter (runs, threads),
+// scipy.ndimage.label (line buffers); this code shares none of theirs.
 //
 // Nothing here knows about Python; errors are std::invalid_argument with a message for the caller.
 #pragma once
@@ -51,7 +53,7 @@ struct Shape {
 
 // Scratch kept between calls (see memory.hpp); one per concurrent caller.
 struct Workspace {
-    std::vector<ScratchArray<Run>> thread_runs;
+    std::vector<ScratchArray<Run>> thread_runs;  // per z chunk (a few per thread)
     std::vector<ScratchArray<std::uint64_t>> thread_values;
     ScratchArray<std::int64_t> row_start;  // rows + 1 entries: runs of row r are [row_start[r], row_start[r+1])
     ScratchArray<Run> runs;
@@ -234,68 +236,66 @@ struct NeighbourRow {
     int dz, dy, widen;
 };
 
-// Rows of the previous half-neighbourhood that can hold neighbours of a run, per connectivity.
-inline int neighbour_rows(int connectivity, NeighbourRow out[4]) {
-    switch (connectivity) {
-        case 6:
-            out[0] = {0, -1, 0};
-            out[1] = {-1, 0, 0};
-            return 2;
-        case 18:
-            out[0] = {0, -1, 1};
-            out[1] = {-1, -1, 0};
-            out[2] = {-1, 0, 1};
-            out[3] = {-1, 1, 0};
-            return 4;
-        case 26:
-            out[0] = {0, -1, 1};
-            out[1] = {-1, -1, 1};
-            out[2] = {-1, 0, 1};
-            out[3] = {-1, 1, 1};
-            return 4;
-        default:
-            throw std::invalid_argument("connectivity must be 6, 18 or 26, got " + std::to_string(connectivity));
-    }
-}
+// The neighbour rows as compile-time constants (the widening then folds into the comparisons).
+template <int Conn>
+struct Neighbours;
+template <>
+struct Neighbours<6> {
+    static constexpr int n = 2;
+    static constexpr NeighbourRow row[4] = {{0, -1, 0}, {-1, 0, 0}, {0, 0, 0}, {0, 0, 0}};
+};
+template <>
+struct Neighbours<18> {
+    static constexpr int n = 4;
+    static constexpr NeighbourRow row[4] = {{0, -1, 1}, {-1, -1, 0}, {-1, 0, 1}, {-1, 1, 0}};
+};
+template <>
+struct Neighbours<26> {
+    static constexpr int n = 4;
+    static constexpr NeighbourRow row[4] = {{0, -1, 1}, {-1, -1, 1}, {-1, 0, 1}, {-1, 1, 1}};
+};
 
-// Unites each run of row (z, y) with the runs it touches in the neighbour rows `nb` (rows before z_min are
-// skipped: they belong to another thread's slab).
-inline void unite_row_with_neighbours(Workspace& ws, std::int64_t z, std::int64_t y, const NeighbourRow* nb,
-                                      int n_nb, std::int64_t z_min) {
+// Unites each run of row (z, y) with the runs it touches in the neighbour rows of connectivity Conn. Rows before
+// z_min belong to another thread's slab and are skipped; `seam` visits only the rows of plane z - 1 (the seam
+// pass joins slabs after the threads are done).
+template <int Conn, bool Multi>
+inline void unite_row(Workspace& ws, std::int64_t z, std::int64_t y, std::int64_t z_min, bool seam) {
+    using N = Neighbours<Conn>;
     const Shape& s = ws.shape;
+    const std::int64_t* row_start = ws.row_start.data();
     const std::int64_t r = z * s.ny + y;
-    const std::int64_t rb = ws.row_start[r], re = ws.row_start[r + 1];
+    const std::int64_t rb = row_start[r], re = row_start[r + 1];
     if (rb == re) return;
-    std::int64_t j0[4], qe[4];
-    int widen[4];
-    int rows = 0;
-    for (int k = 0; k < n_nb; ++k) {
-        const std::int64_t qz = z + nb[k].dz, qy = y + nb[k].dy;
-        if (qz < z_min || qy < 0 || qy >= s.ny) continue;
+    std::int64_t j0[N::n], qe[N::n];
+    bool any = false;
+    for (int k = 0; k < N::n; ++k) {
+        const std::int64_t qz = z + N::row[k].dz, qy = y + N::row[k].dy;
+        j0[k] = qe[k] = 0;  // empty
+        if (qz < z_min || qy < 0 || qy >= s.ny || (seam && N::row[k].dz == 0)) continue;
         const std::int64_t q = qz * s.ny + qy;
-        if (ws.row_start[q] == ws.row_start[q + 1]) continue;
-        j0[rows] = ws.row_start[q];
-        qe[rows] = ws.row_start[q + 1];
-        widen[rows] = nb[k].widen;
-        ++rows;
+        j0[k] = row_start[q];
+        qe[k] = row_start[q + 1];
+        any |= j0[k] != qe[k];
     }
-    if (!rows) return;
+    if (!any) return;
     const Run* runs = ws.runs.data();
     const std::uint64_t* values = ws.values.data();
     std::int32_t* parent = ws.parent.data();
-    const bool multilabel = ws.multilabel;
     for (std::int64_t i = rb; i < re; ++i) {
         const Run a = runs[i];
         // Within a slab, i is still a root here (runs only ever link to earlier runs); at a seam it may not be.
         std::int32_t ri = find_root(parent, static_cast<std::int32_t>(i));
-        for (int k = 0; k < rows; ++k) {
-            const int w = widen[k];
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 4
+#endif
+        for (int k = 0; k < N::n; ++k) {
+            const int w = N::row[k].widen;
             std::int64_t j = j0[k];
             const std::int64_t je = qe[k];
             while (j < je && runs[j].x1 + w <= a.x0) ++j;
             j0[k] = j;
             for (; j < je && runs[j].x0 - w < a.x1; ++j) {
-                if (multilabel && values[i] != values[j]) continue;
+                if (Multi && values[i] != values[j]) continue;
                 if (parent[j] == ri) continue;  // already in i's tree (common in dense masks)
                 const std::int32_t rj = find_root(parent, static_cast<std::int32_t>(j));
                 if (rj == ri) continue;
@@ -308,6 +308,28 @@ inline void unite_row_with_neighbours(Workspace& ws, std::int64_t z, std::int64_
             }
         }
     }
+}
+
+// Unites the rows of planes [z0, z1) (or, with `seam`, plane z0 with plane z0 - 1 only).
+template <int Conn, bool Multi>
+void unite_planes(Workspace& ws, std::int64_t z0, std::int64_t z1, std::int64_t z_min, bool seam) {
+    for (std::int64_t z = z0; z < z1; ++z)
+        for (std::int64_t y = 0; y < ws.shape.ny; ++y) unite_row<Conn, Multi>(ws, z, y, z_min, seam);
+}
+
+inline void unite_planes(Workspace& ws, int connectivity, std::int64_t z0, std::int64_t z1, std::int64_t z_min,
+                         bool seam) {
+    const bool multi = ws.multilabel;
+    if (connectivity == 6) {
+        if (multi) return unite_planes<6, true>(ws, z0, z1, z_min, seam);
+        return unite_planes<6, false>(ws, z0, z1, z_min, seam);
+    }
+    if (connectivity == 18) {
+        if (multi) return unite_planes<18, true>(ws, z0, z1, z_min, seam);
+        return unite_planes<18, false>(ws, z0, z1, z_min, seam);
+    }
+    if (multi) return unite_planes<26, true>(ws, z0, z1, z_min, seam);
+    return unite_planes<26, false>(ws, z0, z1, z_min, seam);
 }
 
 // ---------------------------------------------------------------------------------------------- labelling
@@ -355,11 +377,15 @@ void extract_slab(Workspace& ws, const T* data, const Shape& shape, int t, std::
 
 // Steps 1-3 (see the top of this file), or only step 1 when `unite` is false. Fills ws.runs, ws.values (if
 // keep_values), ws.row_start and, when uniting, ws.parent, ws.label and ws.n_components.
+//
+// The z axis is cut into a few chunks per thread, taken dynamically: on a shared machine a thread that loses
+// its core for a while does not hold up the others at the barriers. Unions stay inside a chunk; the chunk
+// seams are joined at the end on one thread.
 template <class T>
 void build_runs(Workspace& ws, const T* data, Shape shape, int connectivity, bool multilabel, bool keep_values,
                 bool unite, int threads) {
-    NeighbourRow nb[4];
-    const int n_nb = unite ? neighbour_rows(connectivity, nb) : 0;
+    if (unite && connectivity != 6 && connectivity != 18 && connectivity != 26)
+        throw std::invalid_argument("connectivity must be 6, 18 or 26, got " + std::to_string(connectivity));
     ws.shape = shape;
     ws.multilabel = multilabel;
     ws.n_runs = 0;
@@ -373,37 +399,38 @@ void build_runs(Workspace& ws, const T* data, Shape shape, int connectivity, boo
     if (shape.nx > std::numeric_limits<std::int32_t>::max() - 2)
         throw std::invalid_argument("the x axis is too long for this kernel (more than 2^31 voxels)");
     const int nt = resolve_threads(threads, shape.nz);
-    if (static_cast<int>(ws.thread_runs.size()) < nt) {
-        ws.thread_runs.resize(nt);
-        ws.thread_values.resize(nt);
+    const std::int64_t n_chunks = nt == 1 ? 1 : std::min<std::int64_t>(shape.nz, 4 * nt);
+    if (static_cast<std::int64_t>(ws.thread_runs.size()) < n_chunks) {
+        ws.thread_runs.resize(static_cast<std::size_t>(n_chunks));
+        ws.thread_values.resize(static_cast<std::size_t>(n_chunks));
     }
-    ws.slab_offset.assign(static_cast<std::size_t>(nt) + 1, 0);
-    std::vector<std::uint64_t> vmin(nt, std::numeric_limits<std::uint64_t>::max()), vmax(nt, 0);
+    ws.slab_offset.assign(static_cast<std::size_t>(n_chunks) + 1, 0);
+    std::vector<std::uint64_t> vmin(n_chunks, std::numeric_limits<std::uint64_t>::max()), vmax(n_chunks, 0);
     bool too_many_runs = false;
-    int used_threads = nt;
+    auto chunk_planes = [&](std::int64_t c, std::int64_t& z0, std::int64_t& z1) {
+        split_range(shape.nz, static_cast<int>(n_chunks), static_cast<int>(c), z0, z1);
+    };
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
 #endif
     {
+        // Step 1: runs of each chunk, with row starts relative to the chunk.
 #ifdef _OPENMP
-        const int team = omp_get_num_threads();
-#else
-        const int team = 1;
+#pragma omp for schedule(dynamic, 1)
 #endif
-        const int t = thread_index();
-        std::int64_t z0, z1;
-        split_range(shape.nz, team, t, z0, z1);
-        extract_slab<T>(ws, data, shape, t, z0, z1, multilabel, keep_values, vmin[t], vmax[t]);
+        for (std::int64_t c = 0; c < n_chunks; ++c) {
+            std::int64_t z0, z1;
+            chunk_planes(c, z0, z1);
+            extract_slab<T>(ws, data, shape, static_cast<int>(c), z0, z1, multilabel, keep_values, vmin[c], vmax[c]);
+        }
 #ifdef _OPENMP
-#pragma omp barrier
 #pragma omp single
 #endif
         {
-            used_threads = team;
-            for (int k = 0; k < team; ++k)
-                ws.slab_offset[k + 1] = ws.slab_offset[k] + static_cast<std::int64_t>(ws.thread_runs[k].size());
-            ws.n_runs = ws.slab_offset[team];
+            for (std::int64_t c = 0; c < n_chunks; ++c)
+                ws.slab_offset[c + 1] = ws.slab_offset[c] + static_cast<std::int64_t>(ws.thread_runs[c].size());
+            ws.n_runs = ws.slab_offset[n_chunks];
             if (ws.n_runs >= std::numeric_limits<std::int32_t>::max()) {
                 too_many_runs = true;
             } else {
@@ -416,50 +443,55 @@ void build_runs(Workspace& ws, const T* data, Shape shape, int connectivity, boo
                 ws.row_start[rows] = ws.n_runs;
                 // A multi-label pass over a mask with a single value needs no value checks.
                 if (multilabel) {
-                    std::uint64_t lo = std::numeric_limits<std::uint64_t>::max(), hi = 0;
-                    for (int k = 0; k < team; ++k) {
-                        lo = std::min(lo, vmin[k]);
-                        hi = std::max(hi, vmax[k]);
-                    }
+                    const std::uint64_t lo = *std::min_element(vmin.begin(), vmin.end());
+                    const std::uint64_t hi = *std::max_element(vmax.begin(), vmax.end());
                     if (lo >= hi) ws.multilabel = false;
                 }
             }
         }
         if (!too_many_runs) {
-            // Step 2: gather into the global arrays, then unite within the slab.
-            const std::int64_t off = ws.slab_offset[t];
-            const std::size_t count = ws.thread_runs[t].size();
-            if (count) {
-                std::memcpy(ws.runs.data() + off, ws.thread_runs[t].data(), count * sizeof(Run));
-                if (keep_values)
-                    std::memcpy(ws.values.data() + off, ws.thread_values[t].data(), count * sizeof(std::uint64_t));
-            }
-            for (std::int64_t r = z0 * shape.ny; r < z1 * shape.ny; ++r) ws.row_start[r] += off;
-            if (unite) {
-                for (std::int64_t i = 0; i < static_cast<std::int64_t>(count); ++i)
-                    ws.parent[off + i] = static_cast<std::int32_t>(off + i);
+            // Step 2: gather into the global arrays, ...
 #ifdef _OPENMP
-#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
 #endif
-                for (std::int64_t z = z0; z < z1; ++z)
-                    for (std::int64_t y = 0; y < shape.ny; ++y) unite_row_with_neighbours(ws, z, y, nb, n_nb, z0);
+            for (std::int64_t c = 0; c < n_chunks; ++c) {
+                std::int64_t z0, z1;
+                chunk_planes(c, z0, z1);
+                const std::int64_t off = ws.slab_offset[c];
+                const std::size_t count = ws.thread_runs[c].size();
+                if (count) {
+                    std::memcpy(ws.runs.data() + off, ws.thread_runs[c].data(), count * sizeof(Run));
+                    if (keep_values)
+                        std::memcpy(ws.values.data() + off, ws.thread_values[c].data(),
+                                    count * sizeof(std::uint64_t));
+                }
+                for (std::int64_t r = z0 * shape.ny; r < z1 * shape.ny; ++r) ws.row_start[r] += off;
+                if (unite)
+                    for (std::int64_t i = 0; i < static_cast<std::int64_t>(count); ++i)
+                        ws.parent[off + i] = static_cast<std::int32_t>(off + i);
+            }
+            // ... then unite within each chunk (after the barrier: a chunk's last row ends where the next begins).
+            if (unite) {
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+                for (std::int64_t c = 0; c < n_chunks; ++c) {
+                    std::int64_t z0, z1;
+                    chunk_planes(c, z0, z1);
+                    unite_planes(ws, connectivity, z0, z1, z0, false);
+                }
             }
         }
     }
     if (too_many_runs) throw std::invalid_argument("the volume has more than 2^31 runs; split it into parts");
-    ws.threads = used_threads;
+    ws.threads = nt;
     if (!unite) return;
 
-    // Seams between slabs: the first plane of each slab against the plane before it.
-    NeighbourRow down[4];
-    int n_down = 0;
-    for (int k = 0; k < n_nb; ++k)
-        if (nb[k].dz == -1) down[n_down++] = nb[k];
-    for (int t = 1; t < used_threads; ++t) {
+    // Seams between chunks: the first plane of each chunk against the plane before it.
+    for (std::int64_t c = 1; c < n_chunks; ++c) {
         std::int64_t z0, z1;
-        split_range(shape.nz, used_threads, t, z0, z1);
-        if (z0 >= z1 || z0 == 0) continue;
-        for (std::int64_t y = 0; y < shape.ny; ++y) unite_row_with_neighbours(ws, z0, y, down, n_down, 0);
+        chunk_planes(c, z0, z1);
+        if (z0 < z1) unite_planes(ws, connectivity, z0, z0 + 1, 0, true);
     }
 
     // Step 3: number the roots in run order; parent[i] <= i, so the parent's number is already known.
@@ -501,10 +533,20 @@ void for_each_row(const Workspace& ws, int threads, F&& f) {
     const std::int64_t rows = s.rows();
     const int nt = resolve_threads(threads, s.nz);
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 256)
 #endif
     for (std::int64_t r = 0; r < rows; ++r) f(r, ws.row_start[r], ws.row_start[r + 1]);
 }
+
+#if defined(__SSE2__)
+template <class L>
+inline __m128i broadcast16(L v) {
+    if constexpr (sizeof(L) == 1) return _mm_set1_epi8(static_cast<char>(v));
+    if constexpr (sizeof(L) == 2) return _mm_set1_epi16(static_cast<short>(v));
+    if constexpr (sizeof(L) == 4) return _mm_set1_epi32(static_cast<int>(v));
+    return _mm_set1_epi64x(static_cast<long long>(v));
+}
+#endif
 
 // out[z, y, x] = number of the run's component (0 in the background). `zero_background`: also write the
 // background (for a caller-provided buffer); otherwise `out` must already be zero.
@@ -516,14 +558,32 @@ void paint_labels(const Workspace& ws, L* out, bool zero_background, int threads
     for_each_row(ws, threads, [&](std::int64_t r, std::int64_t b, std::int64_t e) {
         L* row = out + r * nx;
         std::int64_t x = 0;
-        for (std::int64_t i = b; i < e; ++i) {
+        std::int64_t i = b;
+#if defined(__SSE2__)
+        if (!zero_background) {
+            // Dense rows hold many short runs: paint each with whole 16-byte stores, overshooting past its end,
+            // then clear the overshoot with a zero store. Later runs start further right and overwrite what the
+            // zero store covered of them, so every voxel ends with the right value; the stores stay in the row.
+            constexpr std::int64_t chunk = 16 / sizeof(L);
+            const __m128i zero = _mm_setzero_si128();
+            for (; i < e && runs[i].x1 + 2 * chunk <= nx; ++i) {
+                const std::int64_t x0 = runs[i].x0, x1 = runs[i].x1;
+                const __m128i v = broadcast16<L>(static_cast<L>(label[i]));
+                for (std::int64_t k = x0; k < x1; k += chunk)
+                    _mm_storeu_si128(reinterpret_cast<__m128i*>(row + k), v);
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(row + x1), zero);
+            }
+            if (i > b) x = runs[i - 1].x1 + chunk;  // past the last zero store
+        }
+#endif
+        for (; i < e; ++i) {
             const Run run = runs[i];
             if (zero_background)
                 for (std::int64_t k = x; k < run.x0; ++k) row[k] = L(0);
             const L v = static_cast<L>(label[i]);
             if (run.x1 - run.x0 >= 32) {
                 std::fill(row + run.x0, row + run.x1, v);
-            } else {  // short runs (dense masks): a plain loop beats the call
+            } else {  // short runs: a plain loop beats the call
                 for (std::int32_t k = run.x0; k < run.x1; ++k) row[k] = v;
             }
             x = run.x1;
@@ -554,146 +614,6 @@ void paint_kept(const Workspace& ws, const T* in, T* out, const std::uint8_t* ke
         }
         if (zero_background && x < nx) std::fill(row + x, row + nx, T(0));
     });
-}
-
-// ---------------------------------------------------------------------------------------------- statistics
-
-// Per-component statistics, written into caller-owned arrays of n entries (index 0 = component 1).
-struct StatsOut {
-    std::int64_t* count = nullptr;   // [n]
-    std::int64_t* bbox = nullptr;    // [n, 6]: z0, y0, x0, z1, y1, x1 (stop exclusive)
-    double* centroid = nullptr;      // [n, 3]: mean z, y, x index
-    double* sum = nullptr;           // [n] intensity sum (only with an intensity image)
-    double* max = nullptr;           // [n] intensity max (NaN if any voxel is NaN)
-};
-
-// Per-run intensity sum and max over image[z, y, x0:x1].
-template <class V>
-void run_intensity(Workspace& ws, const V* image, int threads) {
-    ws.run_sum.resize(static_cast<std::size_t>(ws.n_runs));
-    ws.run_max.resize(static_cast<std::size_t>(ws.n_runs));
-    double* rs = ws.run_sum.data();
-    double* rm = ws.run_max.data();
-    const Run* runs = ws.runs.data();
-    const std::int64_t* row_start = ws.row_start.data();
-    const std::int64_t nx = ws.shape.nx, rows = ws.shape.rows();
-    // Runs of a sparse mask sit in rows far apart, so each run's image data is a cache miss; fetch the runs of
-    // the row `ahead` rows on while summing this one.
-    const std::int64_t ahead = 2;
-    for_each_row(ws, threads, [&](std::int64_t r, std::int64_t b, std::int64_t e) {
-        if (r + ahead < rows) {
-            const V* next = image + (r + ahead) * nx;
-            for (std::int64_t i = row_start[r + ahead]; i < row_start[r + ahead + 1]; ++i) {
-#if defined(__GNUC__)
-                __builtin_prefetch(next + runs[i].x0);
-                __builtin_prefetch(next + runs[i].x1 - 1);
-#endif
-            }
-        }
-        const V* row = image + r * nx;
-        for (std::int64_t i = b; i < e; ++i) {
-            double sum = 0.0, max = -std::numeric_limits<double>::infinity();
-            bool nan = false;
-            for (std::int32_t x = runs[i].x0; x < runs[i].x1; ++x) {
-                const double v = static_cast<double>(row[x]);
-                sum += v;
-                max = v > max ? v : max;
-                nan |= (v != v);
-            }
-            rs[i] = sum;
-            rm[i] = nan ? std::numeric_limits<double>::quiet_NaN() : max;
-        }
-    });
-}
-
-// Reduces runs to components. `component_of(i)` gives the 1-based component of run i. With intensity, call
-// run_intensity first. Throws std::invalid_argument if a component number exceeds n.
-template <class ComponentOf>
-void reduce_stats(const Workspace& ws, std::int64_t n, bool with_intensity, const StatsOut& out,
-                  ComponentOf&& component_of) {
-    const std::int64_t big = std::numeric_limits<std::int64_t>::max();
-    for (std::int64_t c = 0; c < n; ++c) {
-        out.count[c] = 0;
-        for (int k = 0; k < 3; ++k) {
-            out.bbox[6 * c + k] = big;
-            out.bbox[6 * c + 3 + k] = 0;
-            out.centroid[3 * c + k] = 0.0;
-        }
-        if (with_intensity) {
-            out.sum[c] = 0.0;
-            out.max[c] = -std::numeric_limits<double>::infinity();
-        }
-    }
-    const Shape& s = ws.shape;
-    const Run* runs = ws.runs.data();
-    for (std::int64_t r = 0; r < s.rows(); ++r) {
-        const std::int64_t z = r / s.ny, y = r % s.ny;
-        for (std::int64_t i = ws.row_start[r]; i < ws.row_start[r + 1]; ++i) {
-            const std::uint64_t comp = component_of(i);
-            if (comp == 0) continue;
-            if (comp > static_cast<std::uint64_t>(n))
-                throw std::invalid_argument("labels hold the value " + std::to_string(comp) +
-                                            ", greater than n = " + std::to_string(n));
-            const std::int64_t c = static_cast<std::int64_t>(comp) - 1;
-            const std::int64_t x0 = runs[i].x0, x1 = runs[i].x1, len = x1 - x0;
-            out.count[c] += len;
-            std::int64_t* bb = out.bbox + 6 * c;
-            bb[0] = std::min(bb[0], z);
-            bb[1] = std::min(bb[1], y);
-            bb[2] = std::min(bb[2], x0);
-            bb[3] = std::max(bb[3], z + 1);
-            bb[4] = std::max(bb[4], y + 1);
-            bb[5] = std::max(bb[5], x1);
-            double* ce = out.centroid + 3 * c;
-            ce[0] += static_cast<double>(z * len);
-            ce[1] += static_cast<double>(y * len);
-            ce[2] += static_cast<double>((x0 + x1 - 1) * len / 2);  // sum of x0..x1-1, an exact integer
-            if (with_intensity) {
-                out.sum[c] += ws.run_sum[i];
-                const double m = ws.run_max[i];
-                double& cm = out.max[c];
-                if (m != m || cm != cm)
-                    cm = std::numeric_limits<double>::quiet_NaN();
-                else if (m > cm)
-                    cm = m;
-            }
-        }
-    }
-    for (std::int64_t c = 0; c < n; ++c) {
-        const double k = out.count[c] ? static_cast<double>(out.count[c]) : 1.0;
-        for (int a = 0; a < 3; ++a) out.centroid[3 * c + a] /= k;
-        if (out.count[c] == 0) {
-            for (int a = 0; a < 6; ++a) out.bbox[6 * c + a] = 0;
-            for (int a = 0; a < 3; ++a) out.centroid[3 * c + a] = std::numeric_limits<double>::quiet_NaN();
-            if (with_intensity) out.max[c] = std::numeric_limits<double>::quiet_NaN();
-        }
-    }
-}
-
-// Component sizes from runs (after label_runs), counts[c - 1] for component c.
-inline void component_sizes(const Workspace& ws, std::int64_t* counts) {
-    std::fill(counts, counts + ws.n_components, std::int64_t(0));
-    for (std::int64_t i = 0; i < ws.n_runs; ++i)
-        counts[ws.label[i] - 1] += ws.runs[i].x1 - ws.runs[i].x0;
-}
-
-// keep[c] (c = 1..n; keep[0] = 0) for components of at least `min_voxels` voxels, of which only the
-// `keep_largest` largest if keep_largest >= 0 (ties: the lower component number wins). Returns the count kept.
-inline std::int64_t select_components(const std::int64_t* counts, std::int64_t n, std::int64_t min_voxels,
-                                      std::int64_t keep_largest, std::uint8_t* keep) {
-    keep[0] = 0;
-    std::vector<std::int64_t> order;
-    for (std::int64_t c = 1; c <= n; ++c) {
-        keep[c] = counts[c - 1] >= min_voxels ? 1 : 0;
-        if (keep[c]) order.push_back(c);
-    }
-    if (keep_largest >= 0 && static_cast<std::int64_t>(order.size()) > keep_largest) {
-        std::stable_sort(order.begin(), order.end(),
-                         [&](std::int64_t a, std::int64_t b) { return counts[a - 1] > counts[b - 1]; });
-        for (std::size_t k = static_cast<std::size_t>(keep_largest); k < order.size(); ++k) keep[order[k]] = 0;
-        order.resize(static_cast<std::size_t>(keep_largest));
-    }
-    return static_cast<std::int64_t>(order.size());
 }
 
 }  // namespace cc

@@ -161,7 +161,8 @@ inline SeparableTables make_tables(const IndexMap& map, Shape in, Shape os) {
     map.row(0, 0, os.nx, start, vec);
     const double nx = static_cast<double>(os.nx);
     SeparableTables t;
-    t.x = make_axis_table(os.nx, in.nx, [&](std::int64_t i) { return start[0] + (static_cast<double>(i) / nx) * vec[0]; });
+    t.x = make_axis_table(os.nx, in.nx,
+                          [&](std::int64_t i) { return start[0] + (static_cast<double>(i) / nx) * vec[0]; });
     t.y = make_axis_table(os.ny, in.ny, [&](std::int64_t j) {
         double c[3];
         map.map(0.0, static_cast<double>(j), 0.0, c);
@@ -332,7 +333,8 @@ void linear_separable(const Tin* src, Shape in, float* out, Shape os, const Inde
         ws->xrows.resize(nt);
     }
     // Input rows one block of output rows reads: about |dc_y/dj| per output row.
-    const double scale_y = os.ny > 1 ? std::fabs(static_cast<double>(ty.i0[os.ny - 1]) - ty.i0[0]) / (os.ny - 1) : 1.0;
+    const double scale_y =
+        os.ny > 1 ? std::fabs(static_cast<double>(ty.i0[os.ny - 1] - ty.i0[0])) / static_cast<double>(os.ny - 1) : 1.0;
     const std::int64_t max_xrows = std::min<std::int64_t>(
         in.ny, static_cast<std::int64_t>(std::ceil(scale_y * static_cast<double>(block))) + 3);
 
@@ -430,7 +432,7 @@ void for_each_output_row(Shape os, const IndexMap& map, int threads, F&& f) {
     const std::int64_t rows = os.nz * os.ny;
     const int nt = resolve_threads(threads, rows);
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 64)
 #endif
     for (std::int64_t r = 0; r < rows; ++r) {
         double start[3], vec[3];
@@ -516,7 +518,7 @@ void nearest(const T* src, Shape in, T* out, Shape os, const IndexMap& map, T fi
         const std::int64_t rows = os.nz * os.ny;
         const int nt = resolve_threads(threads, rows);
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 64)
 #endif
         for (std::int64_t r = 0; r < rows; ++r) {
             const std::int64_t k = r / os.ny, j = r % os.ny;
