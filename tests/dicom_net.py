@@ -371,9 +371,17 @@ class NodeProcess:
                 *cmd,
             ]
         # cwd outside the repository: its diffseg/ folder would shadow the installed package
-        with open(self.stderr_path, "wb") as err:
-            self.process = subprocess.Popen(cmd, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=err)
-        wait_for(lambda: self._started(), timeout, f"the node to start (stderr {self.stderr_path})")
+        for attempt in range(3):
+            with open(self.stderr_path, "wb") as err:
+                self.process = subprocess.Popen(cmd, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=err)
+            try:
+                wait_for(lambda: self._started(), timeout, f"the node to start (stderr {self.stderr_path})")
+                return self
+            except RuntimeError as exc:
+                # only a shared developer install caught mid-rebuild is retried; any other failure is reported
+                if "No module named 'diffseg" not in str(exc) or attempt == 2:
+                    raise
+                time.sleep(10.0)
         return self
 
     def _started(self) -> bool:
@@ -395,9 +403,12 @@ class NodeProcess:
 
     def status(self) -> dict:
         """``diffseg serve --status --json`` of the spool, run where the node sees it."""
+        if self.tmpfs_size is None:  # in-process: no dependence on a fresh interpreter finding the package
+            from diffseg.runtime.serve import spool_status
+
+            return json.loads(json.dumps(spool_status(self.spool)))
         cmd = [*DIFFSEG, "serve", "--status", "--json", "--spool", str(self.spool)]
-        if self.tmpfs_size is not None:
-            cmd = ["nsenter", "-t", str(self.process.pid), "-m", *cmd]
+        cmd = ["nsenter", "-t", str(self.process.pid), "-m", *cmd]
         for attempt in range(3):  # tolerate a moment when the shared developer install is being rebuilt
             out = subprocess.run(cmd, cwd=self.workdir, capture_output=True, text=True, timeout=60)
             if out.returncode == 0:
