@@ -408,7 +408,8 @@ def write_markdown(path: Path, result: dict) -> None:
         f"Machine: {m['cpu']}, {m['cpus']} logical CPUs; {m['platform']}; load average "
         f"{result['load_before']} before, {result['load_after']} after (a shared machine: other jobs ran).",
         f"Extension: {m['extension']['compiler']}, flags `{m['extension']['cxx_flags']}`, "
-        f"OpenMP {m['extension']['openmp']}. Threads: {result['threads']} for every multi-threaded library.",
+        f"OpenMP {m['extension']['openmp']}. Threads: {result['threads']} for every multi-threaded library "
+        f"(OMP_WAIT_POLICY={result['omp_wait_policy']}).",
         f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}.",
         f"Median of {result['repeats']} runs after a warm-up, each after pre-faulting 2 GiB; ms [min-max].",
         f"Command: `{result['command']}`",
@@ -440,6 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="threads for every multi-threaded library")
     parser.add_argument("--only", default="", help="comma-separated cases (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for kernels.json and kernels.md")
+    parser.add_argument(
+        "--omp-wait-policy",
+        default="passive",
+        choices=["passive", "active"],
+        help="OMP_WAIT_POLICY for OpenMP (ours, torch) unless set in the environment (default passive)",
+    )
     args = parser.parse_args(argv)
     all_cases = [
         "linear_ct",
@@ -457,12 +464,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown cases {sorted(unknown)}; known: {', '.join(all_cases)}")
 
+    # Before OpenMP starts (ours and torch's): waiting threads sleep instead of spinning, which matters on a
+    # shared machine where a spinning thread takes the core its partner needs. Recorded in the results.
+    os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import SimpleITK as sitk
     import torch
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
     load_before = os.getloadavg()
     bench = Bench(args.repeats)
@@ -487,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "threads": args.threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "repeats": args.repeats,
         "load_before": [round(v, 2) for v in load_before],
         "load_after": [round(v, 2) for v in os.getloadavg()],

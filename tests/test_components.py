@@ -10,8 +10,12 @@ References and tolerances:
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
+
 from diffseg.runtime.components import (
     component_stats,
     connected_components,
@@ -21,7 +25,6 @@ from diffseg.runtime.components import (
 from diffseg.runtime.kernels import GridSpec
 from diffseg.runtime.phantom import PhantomOptions, make_phantom
 from diffseg.runtime.volume import Volume
-from scipy import ndimage as ndi
 
 cc3d = pytest.importorskip("cc3d")
 
@@ -96,6 +99,34 @@ def test_label_dtype_is_the_smallest_that_fits():
     assert labels.dtype == np.int32
     with pytest.raises(ValueError, match="cannot hold 288"):
         connected_components(board, 6, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.int32, np.uint64, np.int64])
+@pytest.mark.parametrize("density", [0.2, 0.6])
+def test_every_label_dtype_paints_the_same_labels(dtype, density):
+    # Dense rows take the vector paint (whole 16-byte stores per run), sparse outputs small pages; both must
+    # leave exactly scipy's labels, in a fresh array and in a dirty caller buffer.
+    mask = _random_mask((3, 40, 150), density, seed=13)
+    expected, n = ndi.label(mask, _structure(26))
+    if np.iinfo(dtype).max < n:
+        pytest.skip("too many components for this dtype")
+    labels, _ = connected_components(mask, dtype=dtype)
+    assert labels.dtype == dtype and labels.flags.writeable and labels.flags.c_contiguous
+    np.testing.assert_array_equal(labels, expected)
+    dirty = np.full(mask.shape, 99, dtype)
+    connected_components(mask, out=dirty)
+    np.testing.assert_array_equal(dirty, expected)
+
+
+def test_labels_outlive_the_call_and_can_be_written():
+    mask = _random_mask((4, 30, 100), 0.05, seed=21)  # sparse: the labels live on pages mapped by the kernel
+    expected, _ = ndi.label(mask, _structure(26))
+    labels, _ = connected_components(mask)
+    del mask
+    gc.collect()
+    np.testing.assert_array_equal(labels, expected)
+    labels[0, 0, 0] = 7
+    assert labels[0, 0, 0] == 7
 
 
 @pytest.mark.parametrize(
