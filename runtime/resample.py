@@ -127,6 +127,15 @@ def resample_array(
     if out is None:
         out = np.empty(dst.shape, out_dtype)
     geometry = kernel_geometry(src, dst)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "resample %s %s %s -> %s (%s path)",
+            mode,
+            array.dtype,
+            array.shape,
+            dst.shape,
+            "separable" if geometry[4] else "general",
+        )
     ext = extension()
     nthreads = threads_arg(threads)
     if mode == "linear":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from diffseg.runtime.kernels import GridSpec, index_affine
 from diffseg.runtime.phantom import PhantomOptions, make_phantom
 from diffseg.runtime.resample import resample, resample_array, resample_image
