@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from dicom_net import NodeProcess, dcmtk, free_port, netns_unavailable_reason, private_netns
+
 from diffseg.runtime.dicom import write_phantom_dicom
 from diffseg.runtime.phantom import PhantomOptions, make_phantom
 
