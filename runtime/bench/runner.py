@@ -108,11 +108,11 @@ class _TimedRun:
         return y
 
 
-def _cuda_memory(device: str) -> Any:
-    """torch.cuda when the engine runs on CUDA through torch (imported already by the torch backend)."""
+def _cuda_memory(backend: Any) -> Any:
+    """torch.cuda when the engine is the torch backend on CUDA (other engines allocate outside torch's view)."""
     import sys
 
-    if not device.startswith("cuda") or "torch" not in sys.modules:
+    if backend.name != "torch" or not backend.device.startswith("cuda") or "torch" not in sys.modules:
         return None
     import torch
 
@@ -177,7 +177,7 @@ def _case_row(segmenter, case: BenchCase, options: BenchOptions, out: Path, flop
 
     backend = segmenter.backend
     timed = _TimedRun(backend.run)
-    cuda = _cuda_memory(backend.device)
+    cuda = _cuda_memory(backend)
     if cuda is not None:
         cuda.synchronize()
         cuda.reset_peak_memory_stats()
@@ -291,7 +291,7 @@ def run_bench(
     m = segmenter.package.manifest
     # getrusage's high-water mark is updated lazily by the kernel; the sampled case peaks can exceed it slightly
     memory: dict[str, Any] = {"process_peak_rss_bytes": max([peak_rss_bytes(), *(r["peak_rss_bytes"] for r in rows)])}
-    cuda = _cuda_memory(backend.device)
+    cuda = _cuda_memory(backend)
     if cuda is not None:
         memory["cuda_peak_allocated_bytes"] = int(cuda.max_memory_allocated())
     return {
