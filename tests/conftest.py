@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from diffseg.runtime.phantom import PhantomOptions, make_phantom
 
 SMALL = PhantomOptions(ct_size_xy=160, ct_slices=40)

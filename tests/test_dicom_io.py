@@ -19,6 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+
 from diffseg.runtime.cli import main as cli_main
 from diffseg.runtime.dicom import (
     UID_ROOT,

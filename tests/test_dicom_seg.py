@@ -16,6 +16,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+
 from diffseg.runtime.dicom import (
     LESION_KEYS,
     DicomInputError,
