@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import load_average, machine_header, write_results
+from _common import command_line, load_average, machine_header, write_results
 
 PAIRS = [
     ("openvino", "bf16"),
@@ -121,7 +121,7 @@ def main() -> int:
         f"Machine: {machine_header(machine)}"
         + (f"; 1-min load average {min(loads):.1f}–{max(loads):.1f} during the runs (shared machine)" if loads else "")
         + ".\n",
-        f"Command: `python benchmarks/backends.py {' '.join(sys.argv[1:])}`".rstrip() + "\n",
+        f"Command: `{command_line()}`\n",
         markdown_table(header, body) + "\n",
         "Peaks: " + "; ".join(f"{p}: {v['gflops']:.0f} GFLOP/s ({v['method']})" for p, v in peaks.items()) + ".\n",
         "Not run here:\n\n" + "\n".join(f"- {s}" for s in skipped) + "\n" if skipped else "",

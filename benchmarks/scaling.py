@@ -25,10 +25,11 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
-from _common import load_average, machine_header, write_results
+from _common import command_line, load_average, machine_header, write_results
 
 SIZES = ["128x40", "256x64", "384x150", "512x200", "512x300"]
 MEMORY_TARGET_BYTES = 4 * 10**9
@@ -58,10 +59,24 @@ def worker(ct: str, pet: str, out: Path, backend: str, steps: int, samples: int,
     engine calls timed; prints one JSON line."""
     import time
 
+    import psutil
+
     from diffseg.runtime.cases import Case
     from diffseg.runtime.commands.predict import segment_case
     from diffseg.runtime.segmenter import Segmenter
 
+    rss: list[tuple[float, int]] = []  # (time, resident bytes) every 10 ms: the peak of each stage
+    stop = threading.Event()
+
+    def poll() -> None:
+        process = psutil.Process()
+        while not stop.is_set():
+            rss.append((time.perf_counter(), process.memory_info().rss))
+            stop.wait(0.01)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    t_load = time.perf_counter()
     segmenter = Segmenter("default", backend=backend, steps=steps, samples=samples, batch_size=batch)
     calls: list[tuple[float, float, int]] = []
     inner = segmenter.backend.run
@@ -73,7 +88,16 @@ def worker(ct: str, pet: str, out: Path, backend: str, steps: int, samples: int,
         return y
 
     segmenter.backend.run = timed
+    t_case = time.perf_counter()
     report = segment_case(segmenter, Case("case", Path(ct), Path(pet)), out, False, "case")
+    stop.set()
+    poller.join()
+    bounds = {"load": (t_load, t_case)}
+    edge = t_case
+    for stage, seconds in report["timings_s"].items():  # stages ran one after the other, in this order
+        bounds[stage] = (edge, edge + seconds)
+        edge += seconds
+    stage_peaks = {k: max((b for t, b in rss if lo <= t <= hi), default=None) for k, (lo, hi) in bounds.items()}
     per_step = len(calls) // steps if calls and len(calls) % steps == 0 else 0
     ends = [calls[k * per_step - 1][1] for k in range(1, steps + 1)] if per_step else []
     doc = {
@@ -84,6 +108,7 @@ def worker(ct: str, pet: str, out: Path, backend: str, steps: int, samples: int,
         "engine_s": sum(e - s for s, e, _ in calls),
         "patch_forwards": sum(b for _, _, b in calls),
         "step_s": float(np.median(np.diff(ends))) if len(ends) > 1 else None,
+        "stage_peak_rss_bytes": stage_peaks,
     }
     print("RESULT " + json.dumps(doc), flush=True)
 
@@ -119,6 +144,7 @@ def measure(files: dict[str, str], out: Path, backend: str, steps: int, samples:
         "overhead_s": sample_s - r["engine_s"],
         "overhead_fraction": (sample_s - r["engine_s"]) / sample_s if sample_s > 0 else 0.0,
         "step_s": r["step_s"],
+        "stage_peak_rss_bytes": r["stage_peak_rss_bytes"],
         "process_peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux: kB
         "load": [load_before, load_average()],
     }
@@ -267,7 +293,7 @@ def main() -> int:
         f"samples, batch 10), phantom seed {args.seed}; each run a fresh process.\n",
         f"Machine: {machine_header(machine)}; 1-min load average {min(loads):.1f}–{max(loads):.1f} during the runs "
         "(shared machine).\n",
-        f"Command: `python benchmarks/scaling.py {' '.join(sys.argv[1:])}`".rstrip() + "\n",
+        f"Command: `{command_line()}`\n",
     ]
     titles = {"sizes": "Volume size (CT xy×slices)", "steps": "Steps", "samples": "Samples", "batch": "Batch size"}
     for name, rows in parts.items():
@@ -279,6 +305,12 @@ def main() -> int:
             f"{1e3 * s['seconds_per_forward']:.1f} ms × patch-forwards (R² {s['r2']:.4f}); engine alone "
             f"{1e3 * e['seconds_per_forward']:.1f} ms per patch-forward.\n"
         )
+    peaks = largest["stage_peak_rss_bytes"]
+    md.append(
+        f"Peak RSS by stage, {'×'.join(map(str, largest['ct_shape']))} case (GB, sampled every 10 ms): "
+        + ", ".join(f"{k} {_gb(v)}" for k, v in peaks.items() if v is not None)
+        + ".\n"
+    )
     lc = summary["largest_case"]
     md.append(
         f"Targets: peak RSS of the {'×'.join(map(str, lc['ct_shape']))} case {_gb(lc['process_peak_rss_bytes'])} GB "
