@@ -40,9 +40,7 @@ def main() -> None:
             timed("write_phantom_dicom", lambda out=out: write_phantom_dicom(phantom, out))
             timed("scan_dicom", lambda out=out: scan_dicom(out))
             study = timed("read_pet_ct", lambda out=out: read_pet_ct(out))
-            seg = timed(
-                "write_seg_binary", lambda out=out, s=study: write_seg(phantom.mask, s, out / "seg.dcm")
-            )
+            seg = timed("write_seg_binary", lambda out=out, s=study: write_seg(phantom.mask, s, out / "seg.dcm"))
             timed(
                 "write_seg_fractional",
                 lambda out=out, s=study: write_seg(

@@ -30,8 +30,18 @@ SPLITS: dict[str, range] = {
 # Tissue classes of the analytic anatomy.
 AIR, FAT, SOFT, CORTICAL, TRABECULAR, BRAIN, CANAL, PAROTID, SUBMANDIBULAR, TONSIL, TONGUE, MUSCLE = range(12)
 _HU = {
-    AIR: -1000.0, FAT: -100.0, SOFT: 35.0, CORTICAL: 1300.0, TRABECULAR: 450.0, BRAIN: 32.0,
-    CANAL: 12.0, PAROTID: -10.0, SUBMANDIBULAR: 40.0, TONSIL: 45.0, TONGUE: 45.0, MUSCLE: 48.0,
+    AIR: -1000.0,
+    FAT: -100.0,
+    SOFT: 35.0,
+    CORTICAL: 1300.0,
+    TRABECULAR: 450.0,
+    BRAIN: 32.0,
+    CANAL: 12.0,
+    PAROTID: -10.0,
+    SUBMANDIBULAR: 40.0,
+    TONSIL: 45.0,
+    TONGUE: 45.0,
+    MUSCLE: 48.0,
 }
 _NECROSIS_HU = 15.0
 
@@ -120,8 +130,12 @@ class Phantom:
         """What ``case.json`` holds: the lesion list and the grids."""
 
         def grid(v: Volume) -> dict:
-            return {"size_xyz": list(v.size_xyz), "spacing_mm": list(v.spacing), "origin_mm": list(v.origin),
-                    "direction": list(v.direction)}
+            return {
+                "size_xyz": list(v.size_xyz),
+                "spacing_mm": list(v.spacing),
+                "origin_mm": list(v.origin),
+                "direction": list(v.direction),
+            }
 
         return {
             "seed": self.seed,
@@ -148,8 +162,12 @@ def _coords(vol_origin: float, sign: float, spacing: float, n: int) -> np.ndarra
     return (vol_origin + sign * spacing * np.arange(n)).astype(np.float32)
 
 
-def _make_grid(n_xyz: tuple[int, int, int], spacing: tuple[float, float, float],
-               centre: tuple[float, float, float], flips: tuple[bool, bool, bool]):
+def _make_grid(
+    n_xyz: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    centre: tuple[float, float, float],
+    flips: tuple[bool, bool, bool],
+):
     origin, signs = [], []
     for n, s, c, f in zip(n_xyz, spacing, centre, flips, strict=True):
         o, sg = _axis_grid(n, s, c, f)
@@ -182,13 +200,26 @@ class _Anatomy:
 
 def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
     suv = {
-        AIR: 0.0, FAT: rng.uniform(0.25, 0.4), SOFT: rng.uniform(0.8, 1.2), CORTICAL: 0.4,
-        TRABECULAR: rng.uniform(0.6, 0.9), BRAIN: rng.uniform(7.0, 11.0), CANAL: 0.4,
-        PAROTID: rng.uniform(1.8, 3.2), SUBMANDIBULAR: rng.uniform(2.0, 3.8), TONSIL: rng.uniform(3.0, 6.5),
-        TONGUE: rng.uniform(1.5, 3.0), MUSCLE: rng.uniform(1.0, 2.6),
+        AIR: 0.0,
+        FAT: rng.uniform(0.25, 0.4),
+        SOFT: rng.uniform(0.8, 1.2),
+        CORTICAL: 0.4,
+        TRABECULAR: rng.uniform(0.6, 0.9),
+        BRAIN: rng.uniform(7.0, 11.0),
+        CANAL: 0.4,
+        PAROTID: rng.uniform(1.8, 3.2),
+        SUBMANDIBULAR: rng.uniform(2.0, 3.8),
+        TONSIL: rng.uniform(3.0, 6.5),
+        TONGUE: rng.uniform(1.5, 3.0),
+        MUSCLE: rng.uniform(1.0, 2.6),
     }
-    return _Anatomy(scale=rng.uniform(0.92, 1.08), neck_shift_y=rng.uniform(-4, 4),
-                    head_top=rng.uniform(90, 110), suv=suv, tongue_hot=bool(rng.random() < 0.25))
+    return _Anatomy(
+        scale=rng.uniform(0.92, 1.08),
+        neck_shift_y=rng.uniform(-4, 4),
+        head_top=rng.uniform(90, 110),
+        suv=suv,
+        tongue_hot=bool(rng.random() < 0.25),
+    )
 
 
 def _body_axes(z: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -215,10 +246,12 @@ def _tissue_map(X, Y, Z, a: _Anatomy) -> np.ndarray:
     tissue[inside_body & inner] = SOFT
 
     # Neck muscles (sternocleidomastoid and paraspinal bands): hot on PET at times.
-    scm = (_ellipsoid(X, Y, Z, (38 * s, 0, -35), (9 * s, 9 * s, 45)) |
-           _ellipsoid(X, Y, Z, (-38 * s, 0, -35), (9 * s, 9 * s, 45)))
-    para = (_ellipsoid(X, Y, Z, (18 * s, 45 * s, -30), (12 * s, 10 * s, 60)) |
-            _ellipsoid(X, Y, Z, (-18 * s, 45 * s, -30), (12 * s, 10 * s, 60)))
+    scm = _ellipsoid(X, Y, Z, (38 * s, 0, -35), (9 * s, 9 * s, 45)) | _ellipsoid(
+        X, Y, Z, (-38 * s, 0, -35), (9 * s, 9 * s, 45)
+    )
+    para = _ellipsoid(X, Y, Z, (18 * s, 45 * s, -30), (12 * s, 10 * s, 60)) | _ellipsoid(
+        X, Y, Z, (-18 * s, 45 * s, -30), (12 * s, 10 * s, 60)
+    )
     tissue[(scm | para) & inside_body & inner] = MUSCLE
 
     # Tongue, tonsils, salivary glands.
@@ -230,8 +263,11 @@ def _tissue_map(X, Y, Z, a: _Anatomy) -> np.ndarray:
 
     # Skull and brain.
     skull_c, skull_r = (0.0, 4.0 * s, 62.0 * s), np.array([70, 88, 78]) * s
-    q = np.sqrt(((X - skull_c[0]) / skull_r[0]) ** 2 + ((Y - skull_c[1]) / skull_r[1]) ** 2
-                + ((Z - skull_c[2]) / skull_r[2]) ** 2)
+    q = np.sqrt(
+        ((X - skull_c[0]) / skull_r[0]) ** 2
+        + ((Y - skull_c[1]) / skull_r[1]) ** 2
+        + ((Z - skull_c[2]) / skull_r[2]) ** 2
+    )
     upper = Z > 36 * s
     tissue[(q <= 1.0) & (q > 1.0 - 7.0 / skull_r.min()) & upper] = CORTICAL
     tissue[(q <= 1.0 - 7.0 / skull_r.min()) & (Z > 42 * s)] = BRAIN
@@ -255,7 +291,7 @@ def _tissue_map(X, Y, Z, a: _Anatomy) -> np.ndarray:
     # Mandible: an arch open posteriorly, with rami rising towards the skull base.
     m = np.sqrt((X / (46 * s)) ** 2 + ((Y - 2 * s) / (58 * s)) ** 2)
     mand_body = (m <= 1.0) & (m >= 1.0 - 8.0 / (50 * s)) & (Y < 8 * s) & (Z > -20) & (Z < -4)
-    ramus = ((np.abs(np.abs(X) - 42 * s) < 4 * s) & (Y >= -2 * s) & (Y < 16 * s) & (Z >= -20) & (Z < 30 * s))
+    ramus = (np.abs(np.abs(X) - 42 * s) < 4 * s) & (Y >= -2 * s) & (Y < 16 * s) & (Z >= -20) & (Z < 30 * s)
     tissue[mand_body | ramus] = CORTICAL
 
     # Airway: trachea, larynx, pharynx, oral/nasal cavity.
@@ -272,10 +308,16 @@ def _tissue_map(X, Y, Z, a: _Anatomy) -> np.ndarray:
 # Lesions
 
 _PRIMARY_SITES = [  # (centre mm, jitter mm): oropharynx, larynx, hypopharynx, oral tongue
-    ((12, -14, 0), (6, 5, 10)), ((10, -26, -40), (5, 4, 8)), ((14, -10, -25), (5, 5, 8)), ((12, -38, 10), (8, 6, 5)),
+    ((12, -14, 0), (6, 5, 10)),
+    ((10, -26, -40), (5, 4, 8)),
+    ((14, -10, -25), (5, 5, 8)),
+    ((12, -38, 10), (8, 6, 5)),
 ]
 _NODE_SITES = [  # level II, III, IV, retropharyngeal
-    ((38, -4, -8), (6, 7, 8)), ((40, 2, -32), (6, 7, 8)), ((40, 6, -55), (6, 7, 8)), ((18, 10, 5), (3, 3, 6)),
+    ((38, -4, -8), (6, 7, 8)),
+    ((40, 2, -32), (6, 7, 8)),
+    ((40, 6, -55), (6, 7, 8)),
+    ((18, 10, 5), (3, 3, 6)),
 ]
 
 
@@ -313,8 +355,11 @@ def _design_lesion(rng: np.random.Generator, kind: str, scale: float) -> _Lesion
     sites = _PRIMARY_SITES if kind == "primary" else _NODE_SITES
     base, jitter = sites[rng.integers(len(sites))]
     side = -1.0 if rng.random() < 0.5 else 1.0
-    centre = (side * base[0] * scale + rng.uniform(-1, 1) * jitter[0],
-              base[1] * scale + rng.uniform(-1, 1) * jitter[1], base[2] * scale + rng.uniform(-1, 1) * jitter[2])
+    centre = (
+        side * base[0] * scale + rng.uniform(-1, 1) * jitter[0],
+        base[1] * scale + rng.uniform(-1, 1) * jitter[1],
+        base[2] * scale + rng.uniform(-1, 1) * jitter[2],
+    )
     lo, hi = (2.0, 40.0) if kind == "primary" else (0.5, 15.0)
     volume = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
     radius = (3.0 * volume * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)
@@ -326,8 +371,7 @@ def _design_lesion(rng: np.random.Generator, kind: str, scale: float) -> _Lesion
     suv_max = float(rng.uniform(3.0, 20.0) if kind == "primary" else rng.uniform(3.0, 14.0))
     necrotic = bool(volume > 6.0 and rng.random() < 0.45)
     texture = [(rng.normal(scale=2 * np.pi / (1.5 * radius), size=3), rng.uniform(0, 2 * np.pi)) for _ in range(3)]
-    return _LesionDesign(kind, centre, blobs, suv_max, necrotic, rng.uniform(0.55, 0.75), texture, 2.6 * radius,
-                         volume)
+    return _LesionDesign(kind, centre, blobs, suv_max, necrotic, rng.uniform(0.55, 0.75), texture, 2.6 * radius, volume)
 
 
 def _scale_to_volume(design: _LesionDesign) -> None:
@@ -336,8 +380,7 @@ def _scale_to_volume(design: _LesionDesign) -> None:
         e = design.extent
         ax = np.arange(-e, e + 1.0, 1.0, dtype=np.float32)
         X, Y, Z = ax[None, None, :], ax[None, :, None], ax[:, None, None]
-        f = _lesion_field(X + design.centre[0], Y + design.centre[1], Z + design.centre[2], design.centre,
-                          design.blobs)
+        f = _lesion_field(X + design.centre[0], Y + design.centre[1], Z + design.centre[2], design.centre, design.blobs)
         vol = float((f > np.exp(-1.0)).sum()) / 1000.0
         if vol <= 0:
             return
@@ -432,7 +475,7 @@ def _gaussian_blur(volume: np.ndarray, sigma_vox: float) -> np.ndarray:
         for k, w in zip(range(-radius, radius + 1), kernel, strict=True):
             lo, hi = max(0, -k), min(n, n - k)
             if lo < hi:
-                acc[..., lo:hi] += np.float32(w) * padded[..., lo + k:hi + k]
+                acc[..., lo:hi] += np.float32(w) * padded[..., lo + k : hi + k]
         out = np.moveaxis(acc, -1, axis)
     return np.ascontiguousarray(out)
 
@@ -460,8 +503,9 @@ def make_phantom(seed: int, options: PhantomOptions | None = None) -> Phantom:
     nz = opt.ct_slices or int(rng.integers(56, 73))
     ct_centre = (rng.uniform(-8, 8), rng.uniform(-5, 15), rng.uniform(-20, 0))
     flips = tuple(bool(rng.random() < opt.flip_probability) for _ in range(3))
-    ct_origin, ct_dir, (X, Y, Z) = _make_grid((opt.ct_size_xy, opt.ct_size_xy, nz), (sxy, sxy, opt.ct_slice_mm),
-                                             ct_centre, flips)
+    ct_origin, ct_dir, (X, Y, Z) = _make_grid(
+        (opt.ct_size_xy, opt.ct_size_xy, nz), (sxy, sxy, opt.ct_slice_mm), ct_centre, flips
+    )
     tissue = _tissue_map(X, Y, Z, anatomy)
     labels, _, necrosis = _rasterise_lesions(X, Y, Z, designs, tissue, with_activity=False)
 
@@ -479,12 +523,17 @@ def make_phantom(seed: int, options: PhantomOptions | None = None) -> Phantom:
     pet_sp = opt.pet_spacing_mm or float(rng.uniform(3.9, 4.1))
     fwhm = opt.pet_fwhm_mm or float(rng.uniform(5.0, 7.0))
     ct_extent = np.array([opt.ct_size_xy * sxy, opt.ct_size_xy * sxy, nz * opt.ct_slice_mm])
-    pet_n = [int(np.ceil(ct_extent[0] * rng.uniform(1.05, 1.25) / pet_sp)),
-             int(np.ceil(ct_extent[1] * rng.uniform(1.05, 1.25) / pet_sp)),
-             int(np.ceil(ct_extent[2] * rng.uniform(0.95, 1.1) / pet_sp))]
+    pet_n = [
+        int(np.ceil(ct_extent[0] * rng.uniform(1.05, 1.25) / pet_sp)),
+        int(np.ceil(ct_extent[1] * rng.uniform(1.05, 1.25) / pet_sp)),
+        int(np.ceil(ct_extent[2] * rng.uniform(0.95, 1.1) / pet_sp)),
+    ]
     pet_n = [n + (n % 2) for n in pet_n]
-    pet_centre = (ct_centre[0] + rng.uniform(-6, 6), ct_centre[1] + rng.uniform(-6, 6),
-                  ct_centre[2] + rng.uniform(-10, 10))
+    pet_centre = (
+        ct_centre[0] + rng.uniform(-6, 6),
+        ct_centre[1] + rng.uniform(-6, 6),
+        ct_centre[2] + rng.uniform(-10, 10),
+    )
     pet_flips = tuple(bool(rng.random() < opt.flip_probability) for _ in range(3))
     fine_n = tuple(2 * n for n in pet_n)
     fine_sp = pet_sp / 2.0
@@ -523,10 +572,18 @@ def _lesion_table(designs, labels: np.ndarray, ct: Volume, pet: Volume) -> list[
         ijk = np.rint(idx).astype(np.int64)
         ok = np.all((ijk >= 0) & (ijk < np.array(pet.size_xyz)), axis=1)
         suv_pet = float(pet.array[ijk[ok, 2], ijk[ok, 1], ijk[ok, 0]].max()) if ok.any() else 0.0
-        lesions.append(Lesion(kind=d.kind, label=len(lesions) + 1,
-                              centre_mm=tuple(round(float(c), 2) for c in d.centre),
-                              volume_ml=round(float(counts[i]) * ct.voxel_volume_ml, 4), voxels=int(counts[i]),
-                              suv_max=round(d.suv_max, 3), suv_max_pet=round(suv_pet, 3), necrotic=d.necrotic))
+        lesions.append(
+            Lesion(
+                kind=d.kind,
+                label=len(lesions) + 1,
+                centre_mm=tuple(round(float(c), 2) for c in d.centre),
+                volume_ml=round(float(counts[i]) * ct.voxel_volume_ml, 4),
+                voxels=int(counts[i]),
+                suv_max=round(d.suv_max, 3),
+                suv_max_pet=round(suv_pet, 3),
+                necrotic=d.necrotic,
+            )
+        )
     return lesions
 
 

@@ -165,9 +165,7 @@ def test_synthetic_instances_pass_dciodvfy(plain):
 
 
 def test_phantom_cli_writes_dicom_beside_nifti(tmp_path):
-    rc = cli_main(
-        ["phantom", "--seed", "7", "--ct-size", "32", "--ct-slices", "8", "--dicom", "-o", str(tmp_path)]
-    )
+    rc = cli_main(["phantom", "--seed", "7", "--ct-size", "32", "--ct-slices", "8", "--dicom", "-o", str(tmp_path)])
     assert rc == 0
     assert (tmp_path / "ct.nii.gz").is_file() and (tmp_path / "mask.nii.gz").is_file()
     assert len(list((tmp_path / "ct").glob("*.dcm"))) == 8
@@ -229,9 +227,7 @@ def test_truncated_file_is_reported_and_refused(plain, tmp_path, cut):
     result = scan_dicom(folder)  # never raises on a broken file
     broken = [s for s in result.skipped if s.broken]
     assert [s.path for s in broken] == [victim]
-    with pytest.raises(
-        DicomInputError, match=rf"1 file\(s\) cannot be read, e.g. .*{victim.name}: truncated"
-    ):
+    with pytest.raises(DicomInputError, match=rf"1 file\(s\) cannot be read, e.g. .*{victim.name}: truncated"):
         read_pet_ct(folder)
     # Ignoring unreadable files still refuses the CT: by file when its header names the series, else by
     # the gap it leaves.
@@ -355,9 +351,7 @@ def test_suv_decay_reference_admin_none_and_post_processed(pet_headers):
     def admin(h):
         h.DecayCorrection = "ADMIN"
 
-    assert suv_conversion(_modified(pet_headers, admin)).factors[0] == pytest.approx(
-        75.0e3 / 370.0e6, rel=1e-12
-    )
+    assert suv_conversion(_modified(pet_headers, admin)).factors[0] == pytest.approx(75.0e3 / 370.0e6, rel=1e-12)
 
     def none(h):
         h.DecayCorrection = "NONE"
@@ -371,9 +365,7 @@ def test_suv_decay_reference_admin_none_and_post_processed(pet_headers):
         h.SeriesTime = "113000"
 
     start = suv_conversion(pet_headers).factors[0]
-    assert suv_conversion(_modified(pet_headers, post_processed)).factors[0] == pytest.approx(
-        start, rel=1e-12
-    )
+    assert suv_conversion(_modified(pet_headers, post_processed)).factors[0] == pytest.approx(start, rel=1e-12)
 
 
 def test_suv_injection_before_midnight(pet_headers):
@@ -468,9 +460,7 @@ def test_selection_rules(plain, tmp_path):
     assert select_series(series, SeriesRules(modality="CT", description_regex="thin")).num_instances == 8
     with pytest.raises(DicomInputError, match="2 CT series match equally"):
         select_series(series, SeriesRules(modality="CT", most_slices=False))
-    with pytest.raises(
-        DicomInputError, match=r"no CT series matches[\s\S]*SliceThickness 3\.0 mm not in \[0\.5, 2"
-    ):
+    with pytest.raises(DicomInputError, match=r"no CT series matches[\s\S]*SliceThickness 3\.0 mm not in \[0\.5, 2"):
         select_series(series, SeriesRules(modality="CT", slice_thickness_mm=(0.5, 2.0)))
     with pytest.raises(DicomInputError, match=r"no MR series matches[\s\S]*Modality PT is not MR"):
         select_series(series, SeriesRules(modality="MR"))

@@ -90,9 +90,7 @@ def test_binary_seg_round_trip_voxel_for_voxel(case, tmp_path):
     )
     ct_positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in study.ct_headers])
     slices = np.nonzero(expected.any(axis=(1, 2)))[0]
-    np.testing.assert_allclose(
-        np.sort(frame_positions, axis=0), np.sort(ct_positions[slices], axis=0), atol=1e-4
-    )
+    np.testing.assert_allclose(np.sort(frame_positions, axis=0), np.sort(ct_positions[slices], axis=0), atol=1e-4)
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == study.ct_series_uid
     assert ds.StudyInstanceUID == study.study_instance_uid
     assert ds.FrameOfReferenceUID == study.frame_of_reference_uid
@@ -182,9 +180,7 @@ def test_read_seg_refuses_other_frame_of_reference_and_non_seg(plain, tmp_path):
 
 def test_seg_options_are_written(plain, tmp_path):
     phantom, study, _ = plain
-    options = SegOptions(
-        series_number=77, series_instance_uid="1.2.826.0.1.3680043.8.498.1", segment_label="GTV"
-    )
+    options = SegOptions(series_number=77, series_instance_uid="1.2.826.0.1.3680043.8.498.1", segment_label="GTV")
     ds = pydicom.dcmread(write_seg(phantom.mask, study, tmp_path / "seg.dcm", options=options))
     assert (int(ds.SeriesNumber), ds.SeriesInstanceUID) == (77, "1.2.826.0.1.3680043.8.498.1")
     segment = ds.SegmentSequence[0]

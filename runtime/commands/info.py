@@ -24,10 +24,14 @@ def run(args: argparse.Namespace) -> int:
     if "error" in ext:
         print(f"extension: NOT AVAILABLE ({ext['error']})")
     else:
-        print(f"extension: {ext['compiler']}, flags '{ext['cxx_flags']}', SIMD {ext['simd']}, "
-              f"OpenMP {'yes' if ext['openmp'] else 'no'} ({ext['openmp_max_threads']} threads)")
-    print(f"cpu: {info['cpu']['model']} ({info['cpu']['logical_cores']} logical cores), "
-          f"flags: {', '.join(info['cpu']['isa']) or 'baseline'}")
+        print(
+            f"extension: {ext['compiler']}, flags '{ext['cxx_flags']}', SIMD {ext['simd']}, "
+            f"OpenMP {'yes' if ext['openmp'] else 'no'} ({ext['openmp_max_threads']} threads)"
+        )
+    print(
+        f"cpu: {info['cpu']['model']} ({info['cpu']['logical_cores']} logical cores), "
+        f"flags: {', '.join(info['cpu']['isa']) or 'baseline'}"
+    )
     print("backends:")
     for name, b in info["backends"].items():
         state = f"{b['version']}; devices: {', '.join(b['devices'])}" if b["available"] else f"missing ({b['reason']})"

@@ -23,9 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, nargs="+", default=[1], help="case seed(s) (default: 1)")
     parser.add_argument("--split", choices=["test", "validation"], help="write every case of a split instead")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    parser.add_argument(
-        "--ct-size", type=int, default=256, help="CT matrix in plane (default 256; scanners: 512)"
-    )
+    parser.add_argument("--ct-size", type=int, default=256, help="CT matrix in plane (default 256; scanners: 512)")
     parser.add_argument("--ct-slices", type=int, default=None, help="CT slices (default: random 56-72)")
     parser.add_argument(
         "--dicom",

@@ -111,13 +111,8 @@ def sort_slices(
             f"slice {worst} has {iop[worst].tolist()}"
         )
     row, col = iop[0, :3], iop[0, 3:]
-    if (
-        abs(np.linalg.norm(row) - 1) > opt.orientation_atol
-        or abs(np.linalg.norm(col) - 1) > opt.orientation_atol
-    ):
-        raise DicomInputError(
-            f"{name}: ImageOrientationPatient {iop[0].tolist()} is not made of unit vectors"
-        )
+    if abs(np.linalg.norm(row) - 1) > opt.orientation_atol or abs(np.linalg.norm(col) - 1) > opt.orientation_atol:
+        raise DicomInputError(f"{name}: ImageOrientationPatient {iop[0].tolist()} is not made of unit vectors")
     if abs(float(row @ col)) > opt.orientation_atol:
         angle = np.degrees(np.arccos(np.clip(row @ col, -1, 1)))
         raise DicomInputError(

@@ -72,9 +72,7 @@ def _checked(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             raise ValueError(f"lesion row {i} lacks {', '.join(missing)} (has {', '.join(map(str, row))})")
         centroid = _plain(row["centroid_mm"], "centroid_mm", i)
         if not isinstance(centroid, list) or len(centroid) != 3:
-            raise ValueError(
-                f"lesion row {i}: centroid_mm must hold 3 numbers (x, y, z mm), got {centroid!r}"
-            )
+            raise ValueError(f"lesion row {i}: centroid_mm must hold 3 numbers (x, y, z mm), got {centroid!r}")
         out.append({k: _plain(v, k, i) for k, v in row.items()})
     return out
 

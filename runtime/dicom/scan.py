@@ -180,14 +180,10 @@ def _classify(path: Path) -> tuple[Dataset | None, SkippedFile | None]:
             # Image attributes but no pixels: the file was cut before its pixel data.
             return _drop_pixels(ds), SkippedFile(path, "truncated: no pixel data", broken=True)
         if "SeriesInstanceUID" not in ds:
-            return None, SkippedFile(
-                path, "truncated or corrupt: header ends before SeriesInstanceUID", broken=True
-            )
+            return None, SkippedFile(path, "truncated or corrupt: header ends before SeriesInstanceUID", broken=True)
         return None, SkippedFile(path, "no pixel data (not an image)")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        return None, SkippedFile(
-            path, "multi-frame image (enhanced or cine): only single-frame slices are read"
-        )
+        return None, SkippedFile(path, "multi-frame image (enhanced or cine): only single-frame slices are read")
     missing = [
         k
         for k in (

@@ -88,9 +88,7 @@ class SegOptions:
             raise ValueError(f"max_fractional_value must be in 1..255, got {self.max_fractional_value}")
         label = self.content_label
         if not label or len(label) > 16 or any(not (c.isupper() or c.isdigit() or c in "_ ") for c in label):
-            raise ValueError(
-                f"content_label must be 1-16 characters of A-Z, 0-9, '_' or space, got {label!r}"
-            )
+            raise ValueError(f"content_label must be 1-16 characters of A-Z, 0-9, '_' or space, got {label!r}")
         if self.series_number is not None and self.series_number < 0:
             raise ValueError(f"series_number must be >= 0, got {self.series_number}")
 
@@ -122,17 +120,13 @@ def _checked_values(mask: Volume, probability: Volume | None, fractional: bool) 
                 "pass it with fractional=True or leave it None"
             )
         if not (np.issubdtype(mask.array.dtype, np.integer) or mask.array.dtype == bool):
-            raise ValueError(
-                f"mask must hold integers or booleans (nonzero = tumour), got {mask.array.dtype}"
-            )
+            raise ValueError(f"mask must hold integers or booleans (nonzero = tumour), got {mask.array.dtype}")
         return mask.with_array((mask.array > 0).astype(np.uint8))
     if probability is None:
         raise ValueError("fractional=True needs probability (a Volume of values in [0, 1])")
     p = np.asarray(probability.array, dtype=np.float32)
     if not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1:
-        raise ValueError(
-            f"probability must hold finite values in [0, 1], got range [{np.nanmin(p)}, {np.nanmax(p)}]"
-        )
+        raise ValueError(f"probability must hold finite values in [0, 1], got range [{np.nanmin(p)}, {np.nanmax(p)}]")
     return probability.with_array(p)
 
 
@@ -185,8 +179,7 @@ def write_seg(
     if not np.any(array):
         if opt.empty == "error":
             raise ValueError(
-                f"write_seg: the {'probability' if fractional else 'mask'} is empty (SegOptions.empty "
-                "is 'error')"
+                f"write_seg: the {'probability' if fractional else 'mask'} is empty (SegOptions.empty is 'error')"
             )
         omit_empty = False
         if opt.empty == "single_frame":
@@ -283,8 +276,7 @@ def read_seg(path: str | Path, study: PetCtStudy) -> Volume:
         segment = _frame_item(ds, i, "SegmentIdentificationSequence")
         if plane is None or measures is None or position is None or segment is None:
             raise DicomInputError(
-                f"{path}: frame {i + 1} lacks its plane orientation, pixel measures, position "
-                "or segment number"
+                f"{path}: frame {i + 1} lacks its plane orientation, pixel measures, position or segment number"
             )
         iop = np.asarray([float(v) for v in plane.ImageOrientationPatient])
         if not (np.allclose(iop[:3], d[:, 0], atol=1e-4) and np.allclose(iop[3:], d[:, 1], atol=1e-4)):

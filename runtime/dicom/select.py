@@ -53,24 +53,19 @@ class SeriesRules:
 
     def __post_init__(self) -> None:
         if not self.modality or self.modality != self.modality.strip().upper():
-            raise ValueError(
-                f"modality must be an upper-case DICOM Modality such as 'CT', got {self.modality!r}"
-            )
+            raise ValueError(f"modality must be an upper-case DICOM Modality such as 'CT', got {self.modality!r}")
         if self.description_regex is not None:
             try:
                 re.compile(self.description_regex)
             except re.error as exc:
-                raise ValueError(
-                    f"description_regex {self.description_regex!r} is not valid: {exc}"
-                ) from None
+                raise ValueError(f"description_regex {self.description_regex!r} is not valid: {exc}") from None
         if not 0 <= self.axial_tolerance_deg < 90:
             raise ValueError(f"axial_tolerance_deg must be in [0, 90), got {self.axial_tolerance_deg}")
         if self.slice_thickness_mm is not None:
             lo, hi = self.slice_thickness_mm
             if not 0 <= lo <= hi:
                 raise ValueError(
-                    f"slice_thickness_mm must be (min, max) with 0 <= min <= max, got "
-                    f"{self.slice_thickness_mm}"
+                    f"slice_thickness_mm must be (min, max) with 0 <= min <= max, got {self.slice_thickness_mm}"
                 )
         if self.min_slices < 1:
             raise ValueError(f"min_slices must be >= 1, got {self.min_slices}")
@@ -142,13 +137,10 @@ def select_series(series: Sequence[SeriesInfo], rules: SeriesRules | None = None
         most = max(s.num_instances for s in matches)
         best = [s for s in matches if s.num_instances == most]
         if len(best) == 1:
-            logger.info(
-                "selected %s: the most images of %d matching series", best[0].describe(), len(matches)
-            )
+            logger.info("selected %s: the most images of %d matching series", best[0].describe(), len(matches))
             return best[0]
         matches = best
     listing = "\n  ".join(s.describe() for s in matches)
     raise DicomInputError(
-        f"{len(matches)} {rules.modality} series match equally; narrow the rules (e.g. "
-        f"description_regex):\n  {listing}"
+        f"{len(matches)} {rules.modality} series match equally; narrow the rules (e.g. description_regex):\n  {listing}"
     )

@@ -68,9 +68,7 @@ def _read_pixels(path, name: str) -> tuple[Dataset, np.ndarray]:
         ds = pydicom.dcmread(path)
         return ds, ds.pixel_array
     except Exception as exc:  # pydicom and its decoders raise many types on damaged or unsupported data
-        raise DicomInputError(
-            f"{name}: cannot decode the pixels of {path} ({type(exc).__name__}: {exc})"
-        ) from None
+        raise DicomInputError(f"{name}: cannot decode the pixels of {path} ({type(exc).__name__}: {exc})") from None
 
 
 def _rescale(ds: Dataset, name: str, path) -> tuple[float, float]:

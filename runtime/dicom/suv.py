@@ -178,9 +178,7 @@ def suv_conversion(headers: Sequence[Dataset], name: str = "PET series") -> SuvC
     n = len(headers)
     if units == "GML":
         logger.info("%s: Units GML, values are SUVbw already", name)
-        return SuvConversion(
-            "GML", str(first.get("DecayCorrection", "")), 0.0, 0.0, None, None, 0.0, (1.0,) * n
-        )
+        return SuvConversion("GML", str(first.get("DecayCorrection", "")), 0.0, 0.0, None, None, 0.0, (1.0,) * n)
     if units != "BQML":
         raise DicomInputError(
             f"{name}: Units is {units or 'missing'!r}; SUVbw is computed from BQML only "
@@ -190,17 +188,12 @@ def suv_conversion(headers: Sequence[Dataset], name: str = "PET series") -> SuvC
     decay = str(first.get("DecayCorrection", "")).strip().upper()
     if "ATTN" not in corrected:
         raise DicomInputError(
-            f"{name}: CorrectedImage {sorted(corrected)} lacks ATTN: not attenuation corrected, "
-            "SUV is not quantitative"
+            f"{name}: CorrectedImage {sorted(corrected)} lacks ATTN: not attenuation corrected, SUV is not quantitative"
         )
     if decay not in ("START", "ADMIN", "NONE"):
-        raise DicomInputError(
-            f"{name}: DecayCorrection is {decay or 'missing'!r}; expected START, ADMIN or NONE"
-        )
+        raise DicomInputError(f"{name}: DecayCorrection is {decay or 'missing'!r}; expected START, ADMIN or NONE")
     if decay != "NONE" and "DECY" not in corrected:
-        raise DicomInputError(
-            f"{name}: DecayCorrection {decay} but CorrectedImage {sorted(corrected)} lacks DECY"
-        )
+        raise DicomInputError(f"{name}: DecayCorrection {decay} but CorrectedImage {sorted(corrected)} lacks DECY")
     weight = _positive(first, "PatientWeight", name)
     sequence = first.get("RadiopharmaceuticalInformationSequence")
     if not sequence:
@@ -212,9 +205,7 @@ def suv_conversion(headers: Sequence[Dataset], name: str = "PET series") -> SuvC
     dose = _positive(info, "RadionuclideTotalDose", name, where)
     half_life = _positive(info, "RadionuclideHalfLife", name, where)
     if dose < 1.0e5:
-        logger.warning(
-            "%s: RadionuclideTotalDose %.4g Bq is below 0.1 MBq: MBq written where Bq is due?", name, dose
-        )
+        logger.warning("%s: RadionuclideTotalDose %.4g Bq is below 0.1 MBq: MBq written where Bq is due?", name, dose)
     try:
         acquired = [_acquisition_time(ds) for ds in headers]
         series_time = parse_dicom_datetime(first.get("SeriesDate"), first.get("SeriesTime"))
@@ -239,9 +230,7 @@ def suv_conversion(headers: Sequence[Dataset], name: str = "PET series") -> SuvC
     def factor(reference: datetime) -> float:
         elapsed = (reference - injection).total_seconds()
         if elapsed < 0:
-            raise DicomInputError(
-                f"{name}: decay reference time {reference} is before the injection {injection}"
-            )
+            raise DicomInputError(f"{name}: decay reference time {reference} is before the injection {injection}")
         return weight * 1000.0 / (dose * 2.0 ** (-elapsed / half_life))
 
     if decay == "START":
@@ -252,9 +241,7 @@ def suv_conversion(headers: Sequence[Dataset], name: str = "PET series") -> SuvC
             )
         return SuvConversion(units, decay, weight, dose, injection, scan, half_life, (factor(scan),) * n)
     if decay == "ADMIN":
-        return SuvConversion(
-            units, decay, weight, dose, injection, injection, half_life, (weight * 1000.0 / dose,) * n
-        )
+        return SuvConversion(units, decay, weight, dose, injection, injection, half_life, (weight * 1000.0 / dose,) * n)
     factors = []
     for i, (ds, t0) in enumerate(zip(headers, acquired, strict=True)):
         if t0 is None:

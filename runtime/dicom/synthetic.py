@@ -306,9 +306,7 @@ def _write_pet(phantom: Phantom, out: Path, opt: SyntheticDicomOptions) -> tuple
     return series_uid, paths
 
 
-def write_phantom_dicom(
-    phantom: Phantom, out_dir: str | Path, options: SyntheticDicomOptions | None = None
-) -> dict:
+def write_phantom_dicom(phantom: Phantom, out_dir: str | Path, options: SyntheticDicomOptions | None = None) -> dict:
     """Write a phantom's CT and PET as DICOM series in ``out_dir/ct`` and ``out_dir/pet``.
 
     Args:
