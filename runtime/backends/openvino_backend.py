@@ -45,40 +45,51 @@ class OpenVinoBackend(Backend):
         import openvino as ov
 
         self.core = ov.Core()
-        self.model = self.core.read_model(str(package.engine("fp32").path))
-        self.config = {
+        model = self.core.read_model(str(package.engine("fp32").path))
+        # One patch per request, several requests in flight: on a CPU, OpenVINO's throughput streams (each a few
+        # cores on its own request) beat one multi-threaded batch (measured on 2 cores: 56 vs 68 ms per patch at
+        # batch 10), and a static batch of 1 compiles to its fastest kernels.
+        model.reshape({"x": ov.PartialShape([1, self.in_channels, *self.patch]), "t": ov.PartialShape([1])})
+        config = {
             "INFERENCE_PRECISION_HINT": _HINTS[precision],
-            "PERFORMANCE_HINT": "LATENCY",
+            "PERFORMANCE_HINT": "THROUGHPUT",
             "INFERENCE_NUM_THREADS": int(threads or os.cpu_count() or 1),
         }
-        self._compiled: dict[int, object] = {}
+        self.compiled = self.core.compile_model(model, "CPU", config)
+        got = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        want = {"fp32": ov.Type.f32, "bf16": ov.Type.bf16}[precision]
+        if got != want:
+            raise BackendUnavailableError(f"OpenVINO compiled at {got}, not the requested {precision}")
+        self.streams = int(self.compiled.get_property("NUM_STREAMS"))
+        requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.queue = ov.AsyncInferQueue(self.compiled, requests)
+        self.queue.set_callback(self._store)
+        self._y: np.ndarray | None = None
         self.device = "cpu"
 
-    def _for_batch(self, batch: int):
-        # A static shape per batch size compiles to faster kernels than a dynamic batch.
-        if batch not in self._compiled:
-            import openvino as ov
-
-            model = self.model.clone()
-            model.reshape({"x": ov.PartialShape([batch, self.in_channels, *self.patch]), "t": ov.PartialShape([batch])})
-            compiled = self.core.compile_model(model, "CPU", self.config)
-            got = compiled.get_property("INFERENCE_PRECISION_HINT")
-            want = {"fp32": ov.Type.f32, "bf16": ov.Type.bf16}[self.precision]
-            if got != want:
-                raise BackendUnavailableError(f"OpenVINO compiled at {got}, not the requested {self.precision}")
-            self._compiled[batch] = compiled.create_infer_request()
-        return self._compiled[batch]
+    def _store(self, request, index: int) -> None:
+        assert self._y is not None
+        self._y[index] = request.get_output_tensor(0).data[0]
 
     def run(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         self._check(x, t)
-        request = self._for_batch(x.shape[0])
-        request.infer({"x": x, "t": t}, share_inputs=True)
-        return np.array(request.get_output_tensor(0).data, copy=True)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        self._y = np.empty((x.shape[0], self.out_channels, *self.patch), np.float32)
+        try:
+            for i in range(x.shape[0]):
+                # x and t outlive the requests (wait_all below), so OpenVINO may read them in place
+                self.queue.start_async({"x": x[i : i + 1], "t": t[i : i + 1]}, userdata=i, share_inputs=True)
+            self.queue.wait_all()
+            return self._y
+        finally:
+            self._y = None
 
     def close(self) -> None:
-        self._compiled.clear()
+        self.queue = None
+        self.compiled = None
 
     def describe(self) -> dict:
         import openvino as ov
 
-        return {**super().describe(), "openvino": ov.get_version()}
+        return {**super().describe(), "openvino": ov.get_version(), "streams": self.streams}
