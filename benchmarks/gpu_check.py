@@ -275,7 +275,7 @@ def main() -> int:
                 "seconds": res.total_seconds,
                 "engine_seconds": res.engine_seconds,
                 "overhead_fraction": res.overhead_fraction,
-                "patch_forwards": (res.windows - res.windows_skipped) * options.steps * options.num_samples,
+                "patch_forwards": res.patch_forwards,
                 "windows": res.windows,
                 "windows_skipped": res.windows_skipped,
                 "dice_vs_fp32": dice(mask, ref_mask),

@@ -61,6 +61,7 @@ def worker(ct: str, pet: str, out: Path, backend: str, steps: int, samples: int,
 
     import psutil
 
+    from diffseg.runtime.bench.runner import step_seconds
     from diffseg.runtime.cases import Case
     from diffseg.runtime.commands.predict import segment_case
     from diffseg.runtime.segmenter import Segmenter
@@ -78,13 +79,13 @@ def worker(ct: str, pet: str, out: Path, backend: str, steps: int, samples: int,
     poller.start()
     t_load = time.perf_counter()
     segmenter = Segmenter("default", backend=backend, steps=steps, samples=samples, batch_size=batch)
-    calls: list[tuple[float, float, int]] = []
+    calls: list[tuple[float, float, int, float]] = []
     inner = segmenter.backend.run
 
     def timed(x, t):
         start = time.perf_counter()
         y = inner(x, t)
-        calls.append((start, time.perf_counter(), x.shape[0]))
+        calls.append((start, time.perf_counter(), x.shape[0], float(t[0])))
         return y
 
     segmenter.backend.run = timed
@@ -98,16 +99,16 @@ def worker(ct: str, pet: str, out: Path, backend: str, steps: int, samples: int,
         bounds[stage] = (edge, edge + seconds)
         edge += seconds
     stage_peaks = {k: max((b for t, b in rss if lo <= t <= hi), default=None) for k, (lo, hi) in bounds.items()}
-    per_step = len(calls) // steps if calls and len(calls) % steps == 0 else 0
-    ends = [calls[k * per_step - 1][1] for k in range(1, steps + 1)] if per_step else []
+    per_step = step_seconds(calls, steps, "step_major") if steps > 1 else None
     doc = {
         "settings": report["settings"],
         "timings_s": report["timings_s"],
         "windows": report["windows"],
         "windows_skipped": report["windows_skipped"],
-        "engine_s": sum(e - s for s, e, _ in calls),
-        "patch_forwards": sum(b for _, _, b in calls),
-        "step_s": float(np.median(np.diff(ends))) if len(ends) > 1 else None,
+        "retired": report["retired"],
+        "engine_s": sum(call[1] - call[0] for call in calls),
+        "patch_forwards": sum(call[2] for call in calls),
+        "step_s": per_step["p50"] if per_step else None,
         "stage_peak_rss_bytes": stage_peaks,
     }
     print("RESULT " + json.dumps(doc), flush=True)

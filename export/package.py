@@ -41,6 +41,7 @@ DEFAULT_SAMPLING = {
     "threshold": 0.5,
     "min_lesion_ml": 0.1,
     "candidate": {"modality": "PT", "min_value": 2.0},
+    "retire_after": 2,
     "seed": 0,
 }
 

@@ -152,6 +152,9 @@ def parse_manifest(doc: Mapping[str, Any], where: str) -> Manifest:
     defaults = _need(doc, "defaults", where, dict)
     for key in ("sampler", "steps", "samples", "overlap", "threshold", "min_lesion_ml"):
         _need(defaults, key, f"{where}: defaults", (str, int, float))
+    retire = defaults.get("retire_after", 0)
+    if isinstance(retire, bool) or not isinstance(retire, int) or retire < 0:
+        raise ManifestError(f"{where}: defaults: retire_after must be an int >= 0 (0 = off), got {retire!r}")
     _need(doc, "files", where, dict)
     return Manifest(
         name=_need(doc, "name", where, str),

@@ -69,7 +69,9 @@ class SampleResult:
         timesteps: the ``[N, 2]`` (t, t_prev) pairs that were run.
         windows: windows in the tiling.
         windows_skipped: windows not run (no candidate voxel).
+        retired: (window, sample) tasks retired early as background (``WindowOptions.retire_after``).
         engine_calls: calls of the denoiser.
+        patch_forwards: patches run through the denoiser (the sum of the calls' batch sizes).
         engine_seconds: wall time inside the denoiser.
         total_seconds: wall time of the whole loop (engine included).
         loop_order: ``step_major`` or ``window_major``.
@@ -84,7 +86,9 @@ class SampleResult:
     timesteps: np.ndarray
     windows: int
     windows_skipped: int
+    retired: int
     engine_calls: int
+    patch_forwards: int
     engine_seconds: float
     total_seconds: float
     loop_order: str
@@ -112,13 +116,14 @@ class _Engine:
 
     def __init__(self, run: Denoiser, out_channels: int, patch: tuple[int, ...]) -> None:
         self.run, self.out_channels, self.patch = run, out_channels, patch
-        self.calls, self.seconds = 0, 0.0
+        self.calls, self.forwards, self.seconds = 0, 0, 0.0
 
     def __call__(self, x: np.ndarray, t: int) -> np.ndarray:
         start = time.perf_counter()
         y = np.asarray(self.run(x, np.full(x.shape[0], t, np.float32)))
         self.seconds += time.perf_counter() - start
         self.calls += 1
+        self.forwards += x.shape[0]
         if y.shape != (x.shape[0], self.out_channels, *self.patch):
             raise ValueError(
                 f"denoiser returned shape {y.shape}, expected {(x.shape[0], self.out_channels, *self.patch)}"
@@ -159,6 +164,7 @@ class _Setup:
         learned = self.options.sampler == "ddpm" and config.variance_type == "learned_range"
         self.var = config.variance_channel if learned else None
         self.engine = _Engine(run, config.output_channels, patch)
+        self.retired = 0
 
     def initial_noise(self) -> np.ndarray:
         """Draw 1: x_T for all samples on the volume, placed in the padded grid (margin = pad_value)."""
@@ -193,7 +199,9 @@ class _Setup:
             timesteps=self.pairs,
             windows=self.sw.num_windows,
             windows_skipped=int(self.sw.num_windows - self.ids.size),
+            retired=self.retired,
             engine_calls=self.engine.calls,
+            patch_forwards=self.engine.forwards,
             engine_seconds=self.engine.seconds,
             total_seconds=time.perf_counter() - self.start,
             loop_order=loop_order,
@@ -201,10 +209,11 @@ class _Setup:
             window_options=self.window_options,
         )
         logger.debug(
-            "%s: %d windows (%d skipped), %d engine calls, %.3f s (%.1f%% outside the engine)",
+            "%s: %d windows (%d skipped), %d tasks retired, %d engine calls, %.3f s (%.1f%% outside the engine)",
             loop_order,
             result.windows,
             result.windows_skipped,
+            result.retired,
             result.engine_calls,
             result.total_seconds,
             100 * result.overhead_fraction,
@@ -246,23 +255,26 @@ def sample_step_major(
     patch = wopt.patch_size
     x = s.initial_noise()
     tasks = [(int(w), i) for w in s.ids for i in range(k)]  # (window, sample), samples of a window side by side
-    batches = [tasks[b : b + wopt.batch_size] for b in range(0, len(tasks), wopt.batch_size)]
-    # Engine inputs: the image channels are written once per (window, sample) when the cache fits, else per call.
+    # Engine inputs: while they fit the cache, one array holds every live task's row with its image channels written
+    # once; rows of retired tasks are squeezed out so that each batch stays a contiguous slice. Otherwise one batch
+    # buffer is refilled for each call.
     cached = len(tasks) * s.in_channels * int(np.prod(patch)) * 4 <= wopt.input_cache_mb * 2**20
-    buffers = [np.empty((len(batch), s.in_channels, *patch), np.float32) for batch in (batches if cached else [])]
-    if not cached:
-        buffers.append(np.empty((min(wopt.batch_size, len(tasks)), s.in_channels, *patch), np.float32))
+    num_rows = len(tasks) if cached else min(wopt.batch_size, max(len(tasks), 1))
+    rows = np.empty((num_rows, s.in_channels, *patch), np.float32)
     threads = s.scheduler.threads
     if cached:
 
-        def fill_image(job: tuple[np.ndarray, int, int]) -> None:
-            buf, j, w = job
-            buf[j, s.img_ch] = s.image_window(w)
+        def fill_image(j: int) -> None:
+            rows[j, s.img_ch] = s.image_window(tasks[j][0])
 
-        jobs = [(buf, j, w) for buf, batch in zip(buffers, batches, strict=True) for j, (w, _) in enumerate(batch)]
-        thread_map(fill_image, jobs, threads)
+        thread_map(fill_image, range(len(tasks)), threads)
+    live = list(range(len(tasks)))  # task ids in row order
+    retired: list[list[int]] = [[] for _ in range(k)]  # per sample: its retired windows
+    streak = np.zeros(len(tasks), np.int32)  # consecutive steps each task predicted background everywhere
+    patience = wopt.retire_after
+    x0_level = np.float32(2.0 * wopt.retire_level - 1.0)
     if logger.isEnabledFor(logging.DEBUG):
-        logger.debug("step-major: %r, %d engine calls per step, inputs cached: %s", sw, len(batches), cached)
+        logger.debug("step-major: %r, %d tasks, inputs cached: %s, retire after %d", sw, len(tasks), cached, patience)
     acc = np.empty_like(x)  # blended prediction channel
     acc_var = np.empty_like(x) if s.var is not None else None
     x0 = np.empty_like(x)
@@ -274,24 +286,38 @@ def sample_step_major(
     # time, and each voxel is summed in the same order whatever the thread count (bit-identical results).
     products = [np.empty(patch, np.float32) for _ in range(k)]
 
+    def add_background(i: int, w: int, t: int) -> None:
+        """A window that is not run predicts "background": the output consistent with x0 = −1 at (x_t, t)."""
+        region = (i, *sw.slices[w])
+        s.scheduler.output_for_x0(-1.0, x[region], t, out=products[i])
+        products[i] *= sw.weight
+        acc[region] += products[i]
+
     def reset(i: int, t: int) -> None:
         if skip_weight is None:
             acc[i].fill(0.0)
         else:  # skipped windows predict background: the output consistent with x0 = -1
             s.scheduler.output_for_x0(-1.0, x[i], t, out=acc[i])
             acc[i] *= skip_weight
+        for w in retired[i]:
+            add_background(i, w, t)
         if acc_var is not None:
             acc_var[i].fill(0.0)
 
-    def gather(buf: np.ndarray, j: int, w: int, i: int) -> None:
+    def gather(buf: np.ndarray, j: int, task: int) -> None:
+        w, i = tasks[task]
         if not cached:
             buf[j, s.img_ch] = s.image_window(w)
         buf[j, s.noisy] = x[(i, *sw.slices[w])]
 
-    def accumulate(i: int, batch: list[tuple[int, int]], y: np.ndarray) -> None:
-        for j, (w, sample) in enumerate(batch):
+    def accumulate(i: int, batch: list[int], y: np.ndarray, t: int, watch: bool) -> None:
+        for j, task in enumerate(batch):
+            w, sample = tasks[task]
             if sample != i:
                 continue
+            if watch:
+                s.scheduler.x0_for_output(y[j, s.pred], x[(i, *sw.slices[w])], t, out=products[i])
+                streak[task] = streak[task] + 1 if products[i].max() <= x0_level else 0
             for channel, target in ((s.pred, acc), (s.var, acc_var)):
                 if target is not None:
                     np.multiply(y[j, channel], sw.weight, out=products[i])
@@ -302,13 +328,17 @@ def sample_step_major(
         if acc_var is not None:
             acc_var[i] *= sw.inv_weight_sum
 
-    for t, t_prev in s.pairs.tolist():
+    for step, (t, t_prev) in enumerate(s.pairs.tolist()):
+        # Retirement is only worth watching while a later step could skip the engine for the task.
+        watch = patience > 0 and step < len(s.pairs) - 1
         thread_map(lambda i, t=t: reset(i, t), range(k), threads)
-        for b, batch in enumerate(batches):
-            buf = buffers[b] if cached else buffers[0][: len(batch)]
-            thread_map(lambda job, buf=buf: gather(buf, *job), [(j, w, i) for j, (w, i) in enumerate(batch)], threads)
+        for b in range(0, len(live), wopt.batch_size):
+            batch = live[b : b + wopt.batch_size]
+            buf = rows[b : b + len(batch)] if cached else rows[: len(batch)]
+            thread_map(lambda job, buf=buf: gather(buf, *job), [(j, task) for j, task in enumerate(batch)], threads)
             y = s.engine(buf, t)
-            thread_map(lambda i, batch=batch, y=y: accumulate(i, batch, y), sorted({i for _, i in batch}), threads)
+            samples = sorted({tasks[task][1] for task in batch})
+            thread_map(lambda i, b=batch, y=y, t=t, w=watch: accumulate(i, b, y, t, w), samples, threads)
         thread_map(normalise, range(k), threads)
         z = None
         if s.scheduler.needs_noise(t, t_prev):  # draw 2
@@ -322,6 +352,19 @@ def sample_step_major(
             inner = x[(slice(None), *sw.interior)].copy()
             x.fill(wopt.pad_value)
             x[(slice(None), *sw.interior)] = inner
+        if watch and (streak[live] >= patience).any():
+            keep = [task for task in live if streak[task] < patience]
+            for task in live:
+                if streak[task] >= patience:
+                    retired[tasks[task][1]].append(tasks[task][0])
+            if cached:  # squeeze retired rows out, in order (a row only ever moves to a lower index)
+                row_of = {task: row for row, task in enumerate(live)}
+                for new_row, task in enumerate(keep):
+                    old_row = row_of[task]
+                    if old_row != new_row:
+                        rows[new_row, s.img_ch] = rows[old_row, s.img_ch]
+            live = keep
+    s.retired = sum(len(r) for r in retired)
     return s.result(x, "step_major")
 
 
@@ -360,6 +403,8 @@ def sample_window_major(
     """
     s = _Setup(image, run, config, options, window_options, candidate, window, rng)
     sw, k, wopt = s.sw, s.k, s.window_options
+    if wopt.retire_after:
+        raise ValueError("retire_after applies to the step-major loop only; window-major runs every chain to the end")
     patch = wopt.patch_size
     x_init = s.initial_noise()
     pairs = s.pairs.tolist()

@@ -376,6 +376,35 @@ class Scheduler:
         out *= 1.0 / math.sqrt(1 - ab)
         return out
 
+    def x0_for_output(self, output: np.ndarray, x_t: np.ndarray, t: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The x0 that a network output (of ``prediction_type``) predicts at (x_t, t), clipped as :meth:`step` clips
+        it; the inverse of :meth:`output_for_x0` where nothing is clipped.
+
+        Args:
+            output: the prediction channel, float32.
+            x_t: the current noisy sample, shaped like ``output``.
+            t: the current timestep.
+            out: optional float32 array shaped like ``output`` to write into (may be ``output`` itself).
+
+        Returns:
+            float32 array shaped like ``output``.
+        """
+        ab = float(self.alphas_cumprod[int(t)])
+        out = np.empty(output.shape, np.float32) if out is None else out
+        kind = self.config.prediction_type
+        if kind == "sample":
+            out[...] = output
+        elif kind == "epsilon":  # x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ
+            np.multiply(output, -math.sqrt(1 - ab), out=out)
+            out += x_t
+            out *= 1.0 / math.sqrt(ab)
+        else:  # v: x0 = √ᾱ·x_t − √(1−ᾱ)·v
+            np.multiply(output, -math.sqrt(1 - ab), out=out)
+            out += np.float32(math.sqrt(ab)) * x_t
+        if self.config.clip_sample:
+            np.clip(out, -self.config.clip_range, self.config.clip_range, out=out)
+        return out
+
     def step(
         self,
         model_output: np.ndarray,

@@ -58,7 +58,7 @@ class SegmentationResult:
         lesions: one row per lesion (see ``postprocess``).
         settings: model, backend, precision, device, sampler and post-processing settings used.
         timings: seconds per stage.
-        windows, windows_skipped, engine_calls: sliding-window counts of the sampling.
+        windows, windows_skipped, retired, engine_calls, patch_forwards: sliding-window counts of the sampling.
     """
 
     mask: Volume
@@ -71,7 +71,9 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
     windows: int = 0
     windows_skipped: int = 0
+    retired: int = 0
     engine_calls: int = 0
+    patch_forwards: int = 0
 
 
 def _as_volume(value: Volume | str | Path, name: str) -> Volume:
@@ -94,6 +96,9 @@ class Segmenter:
         loop_order: ``step-major`` (default) or ``window-major`` (``_`` spellings too).
         batch_size: windows × samples per engine call (None: 2 × samples).
         skip_empty_windows: do not run windows without candidate tissue (PET below the manifest's level).
+        retire_after: step-major only: stop running a (window, sample) once its predicted mask has been empty for
+            this many consecutive steps (0 = off, exact; None = the manifest's ``retire_after``, else 0). See
+            ``WindowOptions.retire_after``.
         threads: CPU threads for the engine (None: all cores).
     """
 
@@ -113,6 +118,7 @@ class Segmenter:
         loop_order: str = "step-major",
         batch_size: int | None = None,
         skip_empty_windows: bool = True,
+        retire_after: int | None = None,
         threads: int | None = None,
     ) -> None:
         self.package: ModelPackage = load_package(model)
@@ -139,6 +145,7 @@ class Segmenter:
             patch_size=tuple(m.patch_size),
             overlap=float(overlap if overlap is not None else d["overlap"]),
             batch_size=int(batch_size or max(2 * k, 1)),
+            retire_after=self._retire_after(retire_after, d),
         )
         self.post_options = PostprocessOptions(
             threshold=float(threshold if threshold is not None else d["threshold"]),
@@ -149,6 +156,13 @@ class Segmenter:
         self.backend: Backend = get_backend(backend, self.package, precision, threads)
         self.load_seconds = time.perf_counter() - t0
         logger.info("model %s on %s", m.name, self.backend.describe())
+
+    def _retire_after(self, value: int | None, defaults: Mapping[str, Any]) -> int:
+        if value is None:
+            value = int(defaults.get("retire_after", 0))
+        if self.loop_order == "window_major":
+            return 0  # window-major runs every chain to the end
+        return int(value)
 
     def close(self) -> None:
         self.backend.close()
@@ -171,6 +185,8 @@ class Segmenter:
                 "overlap": self.window_options.overlap,
                 "batch_size": self.window_options.batch_size,
                 "skip_empty": self.skip_empty_windows,
+                "retire_after": self.window_options.retire_after,
+                "retire_level": self.window_options.retire_level,
             },
             "postprocess": vars(self.post_options).copy(),
         }
@@ -273,7 +289,9 @@ class Segmenter:
             timings=timings,
             windows=s.windows,
             windows_skipped=s.windows_skipped,
+            retired=s.retired,
             engine_calls=s.engine_calls,
+            patch_forwards=s.patch_forwards,
         )
 
 

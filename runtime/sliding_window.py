@@ -55,6 +55,11 @@ class WindowOptions:
             skipped windows with the "background" prediction instead).
         input_cache_mb: the sampler keeps its per-batch engine inputs (image channels written once) when they take at
             most this many MiB; otherwise one batch buffer is refilled for each call.
+        retire_after: step-major sampler only; 0 = off. A (window, sample) whose predicted x0 has been background
+            everywhere (foreground probability ≤ ``retire_level`` in every voxel) for this many consecutive steps is
+            not run again: from then on it predicts background, as a window without candidate tissue does. The last
+            step is never skipped on account of a retirement that only it could decide.
+        retire_level: the foreground probability (0 … 0.5) under which a voxel counts as background for retirement.
     """
 
     patch_size: tuple[int, ...] = (96, 96, 96)
@@ -65,6 +70,8 @@ class WindowOptions:
     pad_value: float = 0.0
     fill_value: float = 0.0
     input_cache_mb: float = 1024.0
+    retire_after: int = 0
+    retire_level: float = 0.01
 
     def __post_init__(self) -> None:
         patch = tuple(int(p) for p in self.patch_size)
@@ -83,6 +90,10 @@ class WindowOptions:
             raise ValueError(f"pad_value and fill_value must be finite, got {self.pad_value}, {self.fill_value}")
         if not self.input_cache_mb >= 0:
             raise ValueError(f"input_cache_mb must be >= 0, got {self.input_cache_mb}")
+        if isinstance(self.retire_after, bool) or not isinstance(self.retire_after, int) or self.retire_after < 0:
+            raise ValueError(f"retire_after must be an int >= 0 (0 = off), got {self.retire_after!r}")
+        if not (0 <= self.retire_level <= 0.5):
+            raise ValueError(f"retire_level must be a probability in [0, 0.5], got {self.retire_level}")
 
 
 @dataclass(frozen=True)

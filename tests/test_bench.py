@@ -166,6 +166,7 @@ CASE_KEYS = {
     "ct_shape",
     "windows",
     "windows_skipped",
+    "retired",
     "engine_calls",
     "patch_forwards",
     "timings_s",
@@ -209,7 +210,9 @@ def test_diffseg_bench_tiny_run_writes_json_and_png(tmp_path, capsys, default_pa
     assert list(case["timings_s"]) == ["read", "resample", "normalise", "sample", "postprocess", "write"]
     assert case["total_s"] == pytest.approx(sum(case["timings_s"].values()), rel=1e-12)
     run_windows = case["windows"] - case["windows_skipped"]
-    assert case["patch_forwards"] == run_windows * 2 * 1  # windows × steps × samples
+    # windows × steps × samples: with 2 steps nothing can retire (the model's retire_after is 2 and the last step
+    # never counts)
+    assert case["retired"] == 0 and case["patch_forwards"] == run_windows * 2 * 1
     assert 0 <= case["engine_s"] <= case["timings_s"]["sample"]
     assert case["step_s"]["repeats"] == 1  # two steps: the second is timed end to end
     assert 0.0 <= case["dice"] <= 1.0

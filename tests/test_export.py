@@ -229,3 +229,8 @@ def test_tampered_package_is_refused(tmp_path, default_package):
     (copy / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match="prediction_type must be one of"):
         load_package(copy, verify=False)
+    doc["diffusion"]["prediction_type"] = "sample"
+    doc["defaults"]["retire_after"] = -1
+    (copy / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match="retire_after must be an int >= 0"):
+        load_package(copy, verify=False)

@@ -193,3 +193,15 @@ def test_gpu_backend_verifies_against_onnxruntime(default_package, name):
     with get_backend(name, default_package, "fp16") as backend:
         result = verify_backend(backend, default_package)
     assert result.passed, result
+
+
+def test_retirement_follows_the_manifest_unless_overridden():
+    # Reference: the default package's manifest (retire_after 2); 0 turns it off (the exact loop); window-major never
+    # retires.
+    with Segmenter("default", backend="onnxruntime") as seg:
+        assert seg.window_options.retire_after == seg.package.manifest.defaults["retire_after"] == 2
+        assert seg.settings()["window"]["retire_after"] == 2
+    with Segmenter("default", backend="onnxruntime", retire_after=0) as seg:
+        assert seg.window_options.retire_after == 0
+    with Segmenter("default", backend="onnxruntime", loop_order="window-major") as seg:
+        assert seg.window_options.retire_after == 0

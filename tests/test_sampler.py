@@ -271,3 +271,72 @@ def test_boundary_errors(loop):
         loop(image[0], toy, SchedulerConfig(), SamplerOptions(steps=2), window)
     with pytest.raises(ValueError, match="candidate shape"):
         loop(image, toy, SchedulerConfig(), SamplerOptions(steps=2), window, candidate=np.ones(PATCH, bool))
+
+
+def counting(run):
+    """Wraps a denoiser; records every (t, window content fingerprint) it is asked for."""
+    calls: list[int] = []
+
+    def wrapped(x, t):
+        calls.append(x.shape[0])
+        return run(x, t)
+
+    wrapped.calls = calls  # type: ignore[attr-defined]
+    return wrapped
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("cache_mb", [1024, 0])
+def test_retiring_background_windows_keeps_the_result(prediction, cache_mb):
+    # Reference: the same run with retirement off. The oracle predicts exactly x0 = -1 in windows without tumour, the
+    # same "background" a retired task contributes, so the probabilities agree to 1e-5 while those windows stop
+    # running after `retire_after` steps; with and without the input cache (rows squeezed out or refilled).
+    mask, image = make_case()
+    config = SchedulerConfig(prediction_type=prediction)
+    options = SamplerOptions(steps=6, num_samples=2, eta=0.5)
+    exact_run, retire_run = counting(oracle(prediction)), counting(oracle(prediction))
+    exact = sample_step_major(image, exact_run, config, options, WindowOptions(patch_size=PATCH, batch_size=5))
+    window = WindowOptions(patch_size=PATCH, batch_size=5, retire_after=2, input_cache_mb=cache_mb)
+    retired = sample_step_major(image, retire_run, config, options, window)
+    np.testing.assert_allclose(retired.probabilities, exact.probabilities, atol=1e-5)
+    # windows whose patch holds no tumour voxel retire; each then runs exactly 2 steps instead of 6
+    slices = dense_patch_slices(VOLUME, PATCH, _get_scan_interval(VOLUME, PATCH, 3, (0.25,) * 3))
+    empty = sum(not mask[window].any() for window in slices)
+    assert empty > 0 and retired.retired == 2 * empty
+    assert exact.patch_forwards == sum(exact_run.calls) == 18 * 2 * 6
+    assert retired.patch_forwards == sum(retire_run.calls) == exact.patch_forwards - 2 * empty * (6 - 2)
+
+
+def test_retirement_is_per_sample_and_final():
+    # Reference: the documented rule. A denoiser that predicts background everywhere for its first two calls of a
+    # task and foreground later: with retire_after=2 every task retires after step 2 and the late foreground is never
+    # seen (probability 0); with retire_after=3 nothing retires and the chain ends on foreground (probability 1).
+    _, image = make_case(PATCH)
+    seen = {"steps": 0}
+
+    def late_foreground(x, t):
+        seen["steps"] += 1
+        value = -1.0 if seen["steps"] <= 2 else 1.0
+        return np.full((x.shape[0], 1, *x.shape[2:]), value, np.float32)
+
+    options = SamplerOptions(steps=5, num_samples=3)
+    config = SchedulerConfig(prediction_type="sample")
+    window = WindowOptions(patch_size=PATCH, batch_size=8, retire_after=2)
+    early = sample_step_major(image, late_foreground, config, options, window)
+    assert early.retired == 3 and early.patch_forwards == 3 * 2 and early.engine_calls == 2
+    np.testing.assert_allclose(early.probabilities, 0.0, atol=1e-6)
+    seen["steps"] = 0
+    late = sample_step_major(image, late_foreground, config, options, WindowOptions(patch_size=PATCH, retire_after=3))
+    assert late.retired == 0 and late.patch_forwards == 3 * 5
+    np.testing.assert_allclose(late.probabilities, 1.0, atol=1e-6)
+
+
+def test_retirement_options_are_checked():
+    with pytest.raises(ValueError, match="retire_after must be an int >= 0"):
+        WindowOptions(patch_size=PATCH, retire_after=-1)
+    with pytest.raises(ValueError, match="retire_level must be a probability"):
+        WindowOptions(patch_size=PATCH, retire_level=0.7)
+    _, image = make_case()
+    with pytest.raises(ValueError, match="step-major loop only"):
+        window = WindowOptions(PATCH, retire_after=1)
+        sample_window_major(image, toy, SchedulerConfig(), SamplerOptions(steps=2), window)

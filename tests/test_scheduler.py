@@ -320,6 +320,25 @@ def test_output_for_x0_round_trips(pred):
         assert_rel(pred_x0, x0, 1e-6 + 4 * 2**-24 * amplification * np.abs(out).max())
 
 
+@pytest.mark.parametrize("pred", PREDICTION_TYPES)
+@pytest.mark.parametrize("clip", [False, True])
+def test_x0_for_output_equals_the_steps_x0(pred, clip):
+    # Reference: the x0 that step() predicts from the same output (its float64 arithmetic, clipped as configured);
+    # x0_for_output computes in float32, so the tolerance is float32 rounding amplified by the ε → x0 map.
+    ours = Scheduler(SchedulerConfig(prediction_type=pred, clip_sample=clip))
+    rng = np.random.default_rng(1)
+    for t in (999, 500, 3):
+        x_t = randn(t)
+        out = rng.standard_normal(SHAPE).astype(np.float32)
+        _, want = ours.step(out, x_t, t, t - 100)
+        got = ours.x0_for_output(out, x_t, t)
+        ab = ours.alphas_cumprod[t]
+        amplification = 1.0 / math.sqrt(ab) if pred != "sample" else 1.0
+        np.testing.assert_allclose(got, want, atol=1e-6 * amplification * (1 + np.abs(x_t).max() + np.abs(out).max()))
+        if clip:
+            assert np.abs(got).max() <= 1.0
+
+
 def test_needs_noise_rules():
     ddim = Scheduler(SchedulerConfig(), SamplerOptions(eta=0.5))
     # DDIM: noise iff σ_t(η) > 0, and σ_t = 0 when ᾱ_prev = 1 or ᾱ_prev = ᾱ_t.

@@ -95,16 +95,16 @@ class BenchOptions:
 
 
 class _TimedRun:
-    """Wraps ``backend.run``: records (start, end, batch) of every engine call of a case."""
+    """Wraps ``backend.run``: records (start, end, batch, timestep) of every engine call of a case."""
 
     def __init__(self, run: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
         self.inner = run
-        self.calls: list[tuple[float, float, int]] = []
+        self.calls: list[tuple[float, float, int, float]] = []
 
     def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
         y = self.inner(x, t)
-        self.calls.append((start, time.perf_counter(), int(x.shape[0])))
+        self.calls.append((start, time.perf_counter(), int(x.shape[0]), float(t[0]) if t.size else -1.0))
         return y
 
 
@@ -119,16 +119,20 @@ def _cuda_memory(backend: Any) -> Any:
     return torch.cuda if torch.cuda.is_available() else None
 
 
-def _step_seconds(calls: list[tuple[float, float, int]], steps: int, loop_order: str) -> dict[str, Any] | None:
-    """Duration of each sampler step from the engine-call timestamps (step-major: equal calls per step).
+def step_seconds(calls: list[tuple[float, float, int, float]], steps: int, loop_order: str) -> dict[str, Any] | None:
+    """Duration of each sampler step from the engine-call timestamps (step-major: a step's calls share a timestep).
 
     Step k (k ≥ 2) runs from the end of step k−1's last engine call to the end of its own last call: one full
     sliding-window pass plus one scheduler step. With a single step, its first call's start is used instead.
     """
-    if loop_order != "step_major" or not calls or len(calls) % steps:
+    if loop_order != "step_major" or not calls:
         return None
-    per = len(calls) // steps
-    ends = [calls[k * per - 1][1] for k in range(1, steps + 1)]
+    ends: list[float] = []
+    for k, call in enumerate(calls):
+        if k + 1 == len(calls) or calls[k + 1][3] != call[3]:
+            ends.append(call[1])
+    if len(ends) != steps:
+        return None
     if steps == 1:
         return {**latency_stats([ends[0] - calls[0][0]]).as_dict(), "basis": "first call start to last call end"}
     durations = np.diff(ends)
@@ -200,8 +204,8 @@ def _case_row(segmenter, case: BenchCase, options: BenchOptions, out: Path, flop
     wall = time.perf_counter() - start
     timings = {k: float(result.timings.get(k, 0.0)) for k in STAGES if k in result.timings}
     total = sum(timings.values())
-    engine_s = sum(e - s for s, e, _ in timed.calls)
-    forwards = sum(b for _, _, b in timed.calls)
+    engine_s = sum(call[1] - call[0] for call in timed.calls)
+    forwards = sum(call[2] for call in timed.calls)
     sample_s = timings.get("sample", 0.0)
     ct_shape = tuple(result.mask.shape)  # every output is on the CT's grid
     model_shape = model_grid_for(result.mask, segmenter.package.manifest.spacing_mm).shape
@@ -211,6 +215,7 @@ def _case_row(segmenter, case: BenchCase, options: BenchOptions, out: Path, flop
         "model_grid_shape": list(model_shape),
         "windows": result.windows,
         "windows_skipped": result.windows_skipped,
+        "retired": result.retired,
         "engine_calls": result.engine_calls,
         "patch_forwards": forwards,
         "timings_s": timings,
@@ -219,7 +224,7 @@ def _case_row(segmenter, case: BenchCase, options: BenchOptions, out: Path, flop
         "engine_s": engine_s,
         "overhead_s": sample_s - engine_s,
         "overhead_fraction": (sample_s - engine_s) / sample_s if sample_s > 0 else None,
-        "step_s": _step_seconds(timed.calls, segmenter.sampler_options.steps, segmenter.loop_order),
+        "step_s": step_seconds(timed.calls, segmenter.sampler_options.steps, segmenter.loop_order),
         "ct_voxels_per_s": int(np.prod(ct_shape)) / total if total > 0 else None,
         "model_voxels_per_s": int(np.prod(model_shape)) / sample_s if sample_s > 0 else None,
         "patch_forwards_per_s": forwards / sample_s if sample_s > 0 else None,

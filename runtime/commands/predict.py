@@ -41,6 +41,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loop-order", choices=["step-major", "window-major"], default="step-major")
     parser.add_argument("--batch-size", type=int, help="windows x samples per engine call (default 2 x samples)")
     parser.add_argument("--no-skip", action="store_true", help="run every window, even without candidate tissue")
+    parser.add_argument(
+        "--retire-after",
+        type=int,
+        help="stop running a window's sample once its mask has been empty for N steps; 0 = off, the exact loop "
+        "(default: the model's)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for the engine (default: all cores)")
 
 
@@ -61,6 +67,7 @@ def make_segmenter(args: argparse.Namespace):
         loop_order=args.loop_order,
         batch_size=args.batch_size,
         skip_empty_windows=not args.no_skip,
+        retire_after=args.retire_after,
         threads=args.threads,
     )
 
