@@ -7,6 +7,10 @@ difference ≤ 1e-3 for onnxruntime fp32 and Dice agreement ≥ 0.99; bf16 vs fp
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -205,3 +209,19 @@ def test_retirement_follows_the_manifest_unless_overridden():
         assert seg.window_options.retire_after == 0
     with Segmenter("default", backend="onnxruntime", loop_order="window-major") as seg:
         assert seg.window_options.retire_after == 0
+
+
+@pytest.mark.skipif(
+    any(os.path.exists(n) for n in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")), reason="a GPU is present"
+)
+def test_auto_on_a_cpu_machine_does_not_import_torch():
+    # Reference: the rule that the runtime imports torch only when the torch backend is chosen. A fresh interpreter
+    # picks auto, loads the engine and segments nothing; torch must stay out of sys.modules.
+    code = (
+        "import sys; from diffseg.runtime.segmenter import Segmenter; "
+        "s = Segmenter('default', backend='auto'); "
+        "print(s.backend.name, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    name, imported = out.stdout.split()
+    assert name in ("openvino", "onnxruntime") and imported == "False"

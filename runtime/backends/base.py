@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -119,20 +120,40 @@ _AUTO_ORDER = [
 ]
 
 
+# Device nodes of the NVIDIA driver (Linux, containers) and of WSL's GPU paravirtualisation: without one, no GPU
+# backend can run, and ``auto`` does not import their libraries (torch above all) to find that out.
+_GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")
+_GPU_BACKENDS = {"tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda"}
+
+
+def _gpu_candidate(name: str, precision: str) -> bool:
+    return name in _GPU_BACKENDS or (name == "torch" and precision == "fp16")
+
+
 def pick_auto(precision: str | None = None) -> tuple[str, str]:
-    """The fastest (backend, precision) available here; with ``precision`` given, the fastest for it."""
-    reasons = available_backends()
+    """The fastest (backend, precision) available here; with ``precision`` given, the fastest for it.
+
+    Candidates are tried fastest first and stop at the first that can run, so that only the libraries needed to
+    decide are imported; GPU candidates are skipped without an import when the machine has no GPU device node.
+    """
+    has_gpu = any(os.path.exists(node) for node in _GPU_DEVICE_NODES)
+    reasons: dict[str, str] = {}
     for name, prec in _AUTO_ORDER:
         if precision is not None and prec != precision:
             continue
-        if reasons[name] is not None:
+        if _gpu_candidate(name, prec) and not has_gpu:
+            reasons.setdefault(name, "no GPU device node (" + ", ".join(_GPU_DEVICE_NODES) + ")")
             continue
-        cls = _backend_class(name)
-        if cls.precision_reason(prec) is None:  # type: ignore[attr-defined]
+        try:
+            cls = _backend_class(name)
+            why = cls.unavailable_reason() or cls.precision_reason(prec)  # type: ignore[attr-defined]
+        except ImportError as exc:
+            why = f"{exc}; {INSTALL_HINTS[name]}"
+        if why is None:
             return name, prec
+        reasons.setdefault(name, why)
     raise BackendUnavailableError(
-        f"no backend can run precision {precision or 'any'} here: "
-        + "; ".join(f"{k}: {v}" for k, v in reasons.items() if v)
+        f"no backend can run precision {precision or 'any'} here: " + "; ".join(f"{k}: {v}" for k, v in reasons.items())
     )
 
 
