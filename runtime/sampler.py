@@ -105,9 +105,17 @@ def binary_entropy(p: np.ndarray) -> np.ndarray:
     """Binary entropy in bits (float32): 0 at p ∈ {0, 1}, 1 at p = 0.5."""
     p = np.asarray(p, np.float32)
     h = np.zeros_like(p)
+    q = np.empty_like(p)
     inner = (p > 0) & (p < 1)
-    q = p[inner]
-    h[inner] = -(q * np.log2(q) + (1 - q) * np.log2(1 - q))
+    # −p·log2 p − (1 − p)·log2(1 − p), computed only where both logs are finite (whole-array ufuncs, no gathers)
+    np.log2(p, out=q, where=inner)
+    np.multiply(p, q, out=h, where=inner)
+    np.subtract(1.0, p, out=q)
+    np.log2(q, out=q, where=inner)
+    q *= 1.0 - p
+    np.add(h, q, out=h, where=inner)
+    np.negative(h, out=h)
+    h[~inner] = 0.0
     return h
 
 
@@ -273,6 +281,7 @@ def sample_step_major(
     streak = np.zeros(len(tasks), np.int32)  # consecutive steps each task predicted background everywhere
     patience = wopt.retire_after
     x0_level = np.float32(2.0 * wopt.retire_level - 1.0)
+    direct_x0 = config.prediction_type == "sample"
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("step-major: %r, %d tasks, inputs cached: %s, retire after %d", sw, len(tasks), cached, patience)
     acc = np.empty_like(x)  # blended prediction channel
@@ -316,8 +325,11 @@ def sample_step_major(
             if sample != i:
                 continue
             if watch:
-                s.scheduler.x0_for_output(y[j, s.pred], x[(i, *sw.slices[w])], t, out=products[i])
-                streak[task] = streak[task] + 1 if products[i].max() <= x0_level else 0
+                if direct_x0:  # the output is x0; clipping to [-1, 1] cannot move its max across x0_level
+                    peak = y[j, s.pred].max()
+                else:
+                    peak = s.scheduler.x0_for_output(y[j, s.pred], x[(i, *sw.slices[w])], t, out=products[i]).max()
+                streak[task] = streak[task] + 1 if peak <= x0_level else 0
             for channel, target in ((s.pred, acc), (s.var, acc_var)):
                 if target is not None:
                     np.multiply(y[j, channel], sw.weight, out=products[i])
