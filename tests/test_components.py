@@ -64,6 +64,18 @@ def test_multilabel_equal_cc3d(connectivity, dtype):
     np.testing.assert_array_equal(labels, expected)
 
 
+@pytest.mark.parametrize("connectivity", CONNECTIVITIES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_smoothed_noise_equals_cc3d(connectivity, threads):
+    # The benchmark's dense case in small: runs of every length, hundreds of them per plane, many planes per slab.
+    field = ndi.gaussian_filter(np.random.default_rng(5).random((40, 48, 300), dtype=np.float32), sigma=1.0)
+    mask = (field > np.median(field)).astype(np.uint8)
+    expected, n_expected = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
+    labels, n = connected_components(mask, connectivity, threads=threads)
+    assert n == n_expected
+    np.testing.assert_array_equal(labels, expected)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
 def test_thread_count_does_not_change_labels(threads):
     # Slab seams fall at different planes for each thread count; the numbering must not move.

@@ -8,8 +8,9 @@
 //   2. Each run is united (union-find over run indices, union by minimum index, path halving) with the runs it
 //      touches in the rows of its previous half-neighbourhood: (z, y-1) and (z-1, y) for 6-connectivity; plus
 //      (z-1, y±1) for 18; with runs widened by one voxel along x where the offset allows a diagonal step
-//      (18: in-plane and straight-down rows; 26: all four rows). Unions stay inside a chunk; the chunk seams
-//      are joined afterwards on one thread.
+//      (18: in-plane and straight-down rows; 26: all four rows). The runs a run touches in a neighbour row
+//      come from two lookups in per-row position tables (RowTables), not a search. Unions stay inside a chunk;
+//      the chunk seams are joined afterwards on one thread.
 //   3. Because every tree's root is its smallest run index, and runs are stored in raster order, numbering roots
 //      in run order numbers components by the raster position of their first voxel -- the convention of
 //      scipy.ndimage.label and cc3d.
@@ -61,6 +62,7 @@ struct Workspace {
     ScratchArray<std::int32_t> parent;
     ScratchArray<std::uint32_t> label;  // final component number (1..n) of each run
     ScratchArray<double> run_sum, run_max;
+    std::vector<ScratchArray<std::uint16_t>> row_tables;  // per thread: see RowTables
     std::vector<std::int64_t> slab_offset;
     Shape shape;
     bool multilabel = false;
@@ -310,26 +312,146 @@ inline void unite_row(Workspace& ws, std::int64_t z, std::int64_t y, std::int64_
     }
 }
 
-// Unites the rows of planes [z0, z1) (or, with `seam`, plane z0 with plane z0 - 1 only).
+// Per-row position tables, so that the runs a run touches in a neighbour row are found by two lookups instead of
+// a search whose data-dependent loop exits mispredict (they dominated the time on dense masks). For a row with
+// runs sorted by x and position p in [-1, nx + 1], at index p + 1:
+//   ends[p + 1]   = number of runs with x1 <= p  (the runs that end before p),
+//   starts[p + 1] = number of runs with x0 < p   (the runs that start before p).
+// The runs within one voxel of [x0, x1) are then [ends[x0 - 1 + 1], starts[x1 + 1 + 1]) (widen 1), or
+// [ends[x0 + 1], starts[x1 + 1]) (widen 0). Counts fit uint16 for rows up to 65535 voxels.
+// A thread keeps the tables of two planes (z and z - 1), ny rows each.
+struct RowTables {
+    std::int64_t stride = 0;  // entries per table: nx + 3, plus room for the overshooting fills, multiple of 8
+    std::int64_t ny = 0;
+    std::uint16_t* base = nullptr;
+    std::uint16_t* ends(std::int64_t z, std::int64_t y) const { return base + (((z & 1) * ny + y) * 2) * stride; }
+    std::uint16_t* starts(std::int64_t z, std::int64_t y) const { return ends(z, y) + stride; }
+};
+
+constexpr std::int64_t kMaxTableRow = 65535;
+
+// t[q] = k for q in [q_from, q_to), with 16-entry stores that may run past q_to (the caller fills in increasing
+// order, so the next fill or the tail overwrites the excess; the table has 16 entries of slack).
+inline void fill_count(std::uint16_t* t, std::int64_t q_from, std::int64_t q_to, std::uint16_t k) {
+#if defined(__SSE2__)
+    const __m128i v = _mm_set1_epi16(static_cast<short>(k));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(t + q_from), v);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(t + q_from + 8), v);
+    for (std::int64_t q = q_from + 16; q < q_to; q += 8) _mm_storeu_si128(reinterpret_cast<__m128i*>(t + q), v);
+#else
+    for (std::int64_t q = q_from; q < q_to; ++q) t[q] = k;
+#endif
+}
+
+inline void build_row_tables(const Run* runs, std::int64_t rb, std::int64_t re, std::int64_t nx, std::uint16_t* ends,
+                             std::uint16_t* starts) {
+    std::int64_t qe = 0, qs = 0;
+    std::uint16_t k = 0;
+    for (std::int64_t i = rb; i < re; ++i, ++k) {
+        // ends steps to k + 1 at index x1 + 1, starts at index x0 + 2.
+        const std::int64_t e = runs[i].x1 + 1, b = runs[i].x0 + 2;
+        fill_count(ends, qe, e, k);
+        fill_count(starts, qs, b, k);
+        qe = e;
+        qs = b;
+    }
+    const std::int64_t n = nx + 3;
+    for (std::int64_t q = qe; q < n; ++q) ends[q] = k;
+    for (std::int64_t q = qs; q < n; ++q) starts[q] = k;
+}
+
+// unite_row through the position tables (rows of one slab; not for seams). Builds the tables of row (z, y) for the
+// rows after it.
 template <int Conn, bool Multi>
-void unite_planes(Workspace& ws, std::int64_t z0, std::int64_t z1, std::int64_t z_min, bool seam) {
+inline void unite_row_tables(Workspace& ws, const RowTables& tab, std::int64_t z, std::int64_t y,
+                             std::int64_t z_min) {
+    using N = Neighbours<Conn>;
+    const Shape& s = ws.shape;
+    const std::int64_t* row_start = ws.row_start.data();
+    const Run* runs = ws.runs.data();
+    const std::int64_t r = z * s.ny + y;
+    const std::int64_t rb = row_start[r], re = row_start[r + 1];
+    build_row_tables(runs, rb, re, s.nx, tab.ends(z, y), tab.starts(z, y));
+    if (rb == re) return;
+    const std::uint16_t* te[N::n];
+    const std::uint16_t* ts[N::n];
+    std::int64_t qb[N::n];
+    bool valid[N::n];
+    bool any = false;
+    for (int k = 0; k < N::n; ++k) {
+        const std::int64_t qz = z + N::row[k].dz, qy = y + N::row[k].dy;
+        valid[k] = qz >= z_min && qy >= 0 && qy < s.ny;
+        te[k] = ts[k] = nullptr;
+        qb[k] = 0;
+        if (!valid[k]) continue;
+        const std::int64_t q = qz * s.ny + qy;
+        qb[k] = row_start[q];
+        valid[k] = row_start[q + 1] != qb[k];
+        te[k] = tab.ends(qz, qy) + 1 - N::row[k].widen;  // te[k][x0] = ends[x0 - widen + 1]
+        ts[k] = tab.starts(qz, qy) + 1 + N::row[k].widen;  // ts[k][x1] = starts[x1 + widen + 1]
+        any |= valid[k];
+    }
+    if (!any) return;
+    const std::uint64_t* values = ws.values.data();
+    std::int32_t* parent = ws.parent.data();
+    for (std::int64_t i = rb; i < re; ++i) {
+        const Run a = runs[i];
+        std::int32_t ri = static_cast<std::int32_t>(i);  // within a slab, i is still a root here
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 4
+#endif
+        for (int k = 0; k < N::n; ++k) {
+            if (!valid[k]) continue;
+            const std::int64_t je = qb[k] + ts[k][a.x1];
+            for (std::int64_t j = qb[k] + te[k][a.x0]; j < je; ++j) {
+                if (Multi && values[i] != values[j]) continue;
+                if (parent[j] == ri) continue;  // already in i's tree (common in dense masks)
+                const std::int32_t rj = find_root(parent, static_cast<std::int32_t>(j));
+                if (rj == ri) continue;
+                if (rj < ri) {
+                    parent[ri] = rj;
+                    ri = rj;
+                } else {
+                    parent[rj] = ri;
+                }
+            }
+        }
+    }
+}
+
+// Unites the rows of planes [z0, z1) (or, with `seam`, plane z0 with plane z0 - 1 only). `tables`: scratch for
+// the position tables (null: search each row instead, as at the seams).
+template <int Conn, bool Multi>
+void unite_planes(Workspace& ws, std::int64_t z0, std::int64_t z1, std::int64_t z_min, bool seam,
+                  ScratchArray<std::uint16_t>* tables) {
+    const Shape& s = ws.shape;
+    if (tables && !seam && s.nx <= kMaxTableRow) {
+        RowTables tab;
+        tab.stride = (s.nx + 3 + 16 + 7) / 8 * 8;
+        tab.ny = s.ny;
+        tables->resize(static_cast<std::size_t>(2 * s.ny * 2 * tab.stride));
+        tab.base = tables->data();
+        for (std::int64_t z = z0; z < z1; ++z)
+            for (std::int64_t y = 0; y < s.ny; ++y) unite_row_tables<Conn, Multi>(ws, tab, z, y, z_min);
+        return;
+    }
     for (std::int64_t z = z0; z < z1; ++z)
-        for (std::int64_t y = 0; y < ws.shape.ny; ++y) unite_row<Conn, Multi>(ws, z, y, z_min, seam);
+        for (std::int64_t y = 0; y < s.ny; ++y) unite_row<Conn, Multi>(ws, z, y, z_min, seam);
 }
 
 inline void unite_planes(Workspace& ws, int connectivity, std::int64_t z0, std::int64_t z1, std::int64_t z_min,
-                         bool seam) {
+                         bool seam, ScratchArray<std::uint16_t>* tables = nullptr) {
     const bool multi = ws.multilabel;
     if (connectivity == 6) {
-        if (multi) return unite_planes<6, true>(ws, z0, z1, z_min, seam);
-        return unite_planes<6, false>(ws, z0, z1, z_min, seam);
+        if (multi) return unite_planes<6, true>(ws, z0, z1, z_min, seam, tables);
+        return unite_planes<6, false>(ws, z0, z1, z_min, seam, tables);
     }
     if (connectivity == 18) {
-        if (multi) return unite_planes<18, true>(ws, z0, z1, z_min, seam);
-        return unite_planes<18, false>(ws, z0, z1, z_min, seam);
+        if (multi) return unite_planes<18, true>(ws, z0, z1, z_min, seam, tables);
+        return unite_planes<18, false>(ws, z0, z1, z_min, seam, tables);
     }
-    if (multi) return unite_planes<26, true>(ws, z0, z1, z_min, seam);
-    return unite_planes<26, false>(ws, z0, z1, z_min, seam);
+    if (multi) return unite_planes<26, true>(ws, z0, z1, z_min, seam, tables);
+    return unite_planes<26, false>(ws, z0, z1, z_min, seam, tables);
 }
 
 // ---------------------------------------------------------------------------------------------- labelling
@@ -404,6 +526,7 @@ void build_runs(Workspace& ws, const T* data, Shape shape, int connectivity, boo
         ws.thread_runs.resize(static_cast<std::size_t>(n_chunks));
         ws.thread_values.resize(static_cast<std::size_t>(n_chunks));
     }
+    if (static_cast<int>(ws.row_tables.size()) < nt) ws.row_tables.resize(static_cast<std::size_t>(nt));
     ws.slab_offset.assign(static_cast<std::size_t>(n_chunks) + 1, 0);
     std::vector<std::uint64_t> vmin(n_chunks, std::numeric_limits<std::uint64_t>::max()), vmax(n_chunks, 0);
     bool too_many_runs = false;
@@ -478,7 +601,7 @@ void build_runs(Workspace& ws, const T* data, Shape shape, int connectivity, boo
                 for (std::int64_t c = 0; c < n_chunks; ++c) {
                     std::int64_t z0, z1;
                     chunk_planes(c, z0, z1);
-                    unite_planes(ws, connectivity, z0, z1, z0, false);
+                    unite_planes(ws, connectivity, z0, z1, z0, false, &ws.row_tables[thread_index()]);
                 }
             }
         }
@@ -562,18 +685,23 @@ void paint_labels(const Workspace& ws, L* out, bool zero_background, int threads
 #if defined(__SSE2__)
         if (!zero_background) {
             // Dense rows hold many short runs: paint each with whole 16-byte stores, overshooting past its end,
-            // then clear the overshoot with a zero store. Later runs start further right and overwrite what the
-            // zero store covered of them, so every voxel ends with the right value; the stores stay in the row.
+            // then clear the overshoot with zero stores. Later runs start further right and overwrite what the
+            // zero stores covered of them, so every voxel ends with the right value; the stores stay in the row.
+            // Two stores of each kind are unconditional: a loop whose trip count follows the run length
+            // mispredicts on short runs, and one more store costs less.
             constexpr std::int64_t chunk = 16 / sizeof(L);
             const __m128i zero = _mm_setzero_si128();
             for (; i < e && runs[i].x1 + 2 * chunk <= nx; ++i) {
                 const std::int64_t x0 = runs[i].x0, x1 = runs[i].x1;
                 const __m128i v = broadcast16<L>(static_cast<L>(label[i]));
-                for (std::int64_t k = x0; k < x1; k += chunk)
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(row + x0), v);
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(row + x0 + chunk), v);
+                for (std::int64_t k = x0 + 2 * chunk; k < x1; k += chunk)
                     _mm_storeu_si128(reinterpret_cast<__m128i*>(row + k), v);
                 _mm_storeu_si128(reinterpret_cast<__m128i*>(row + x1), zero);
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(row + x1 + chunk), zero);
             }
-            if (i > b) x = runs[i - 1].x1 + chunk;  // past the last zero store
+            if (i > b) x = runs[i - 1].x1 + 2 * chunk;  // past the last zero stores
         }
 #endif
         for (; i < e; ++i) {
