@@ -282,3 +282,55 @@ def test_resample_wants_a_volume_and_a_grid():
     volume = Volume(np.zeros((2, 3, 4), np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     with pytest.raises(TypeError, match=r"GridSpec, Volume or SimpleITK\.Image"):
         resample(volume, (4, 3, 2))
+
+
+@pytest.mark.parametrize("x_spacing", [0.25, 0.98, 1.0, 1.02, 1.07, 1.5, 3.0])
+@pytest.mark.parametrize("flip", [False, True])
+def test_nearest_long_rows_equal_simpleitk(x_spacing, flip):
+    # Rows long enough for the 16-voxel shuffle gathers (uint8), with spans that fit a window and ones that do not
+    # (x_spacing > 16/15 takes the scalar gather for every chunk), on equal and flipped x directions.
+    rng = np.random.default_rng(int(x_spacing * 100) + flip)
+    src = GridSpec((203, 5, 4), (1.0, 1.3, 2.0), (-3.2, 0.4, 1.0))
+    direction = np.diag([-1.0 if flip else 1.0, 1.0, 1.0])
+    n_x = int(203 / x_spacing) + 9
+    origin_x = 200.0 if flip else -4.0
+    dst = GridSpec((n_x, 7, 5), (x_spacing, 0.9, 1.7), (origin_x, 0.1, 0.3), tuple(direction.ravel()))
+    labels = rng.integers(0, 250, src.shape).astype(np.uint8)
+    expected = _sitk_resample(labels, src, dst, sitk.sitkNearestNeighbor, 251, sitk.sitkUInt8)
+    result = resample_array(labels, src, dst, "nearest", default=251)
+    assert (expected != 251).mean() > 0.3, "the grids should overlap"
+    np.testing.assert_array_equal(result, expected)
+    for threads in (1, 3):
+        np.testing.assert_array_equal(resample_array(labels, src, dst, "nearest", default=251, threads=threads), result)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32, np.uint64])
+def test_nearest_into_out_equals_a_new_output(dtype):
+    src, dst = _random_grids(11, "flipped")
+    values = np.random.default_rng(4).integers(0, 120, src.shape).astype(dtype)
+    expected = resample_array(values, src, dst, "nearest", default=7)
+    out = np.full(dst.shape, 99, dtype)  # stale contents must all be overwritten
+    assert resample_array(values, src, dst, "nearest", default=7, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+
+
+def _read_only(shape, dtype):
+    a = np.zeros(shape, dtype)
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize(
+    ("out", "error", "match"),
+    [
+        (np.zeros((2, 3, 4), np.int16), TypeError, "dtype uint8"),
+        (np.zeros((2, 3, 5), np.uint8), ValueError, r"shape \(2, 3, 4\)"),
+        (np.zeros((2, 3, 8), np.uint8)[:, :, ::2], ValueError, "C-contiguous"),
+        (_read_only((2, 3, 4), np.uint8), ValueError, "writeable"),
+        ([[[0] * 4] * 3] * 2, TypeError, "numpy array"),
+    ],
+    ids=["dtype", "shape", "strided", "read-only", "list"],
+)
+def test_nearest_bad_out_raises(out, error, match):
+    with pytest.raises(error, match=match):
+        resample_array(np.zeros((2, 3, 4), np.uint8), GRID, GRID, "nearest", out=out)

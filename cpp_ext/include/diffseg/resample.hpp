@@ -37,6 +37,13 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+// SSSE3 kernels are compiled for that target and picked at run time (the portable build assumes only SSE2).
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define DIFFSEG_HAVE_SSSE3_DISPATCH 1
+#include <tmmintrin.h>
+#else
+#define DIFFSEG_HAVE_SSSE3_DISPATCH 0
+#endif
 
 #include "diffseg/memory.hpp"
 #include "diffseg/parallel.hpp"
@@ -496,6 +503,78 @@ void linear(const Tin* src, Shape in, float* out, Shape os, const IndexMap& map,
 
 // ------------------------------------------------------------------------------------- nearest
 
+// Byte gathers of 16 outputs from one 16-byte source window (pshufb): for a nearest x table whose 16 consecutive
+// entries span at most 16 source voxels (any upsampling, and downsampling by up to 16/15), a row costs one load,
+// one shuffle and one store per 16 voxels instead of 16 indexed loads and stores.
+struct ShuffleRow {
+    std::vector<std::int32_t> base;    // per 16-output chunk: first source voxel of the window, or -1 (scalar)
+    std::vector<std::uint8_t> control;  // 16 shuffle indices per chunk
+};
+
+inline ShuffleRow make_shuffle_row(const std::int32_t* xi, std::int64_t x_lo, std::int64_t x_hi, std::int64_t nx_in) {
+    ShuffleRow t;
+    const std::int64_t chunks = (x_hi - x_lo) / 16;
+    t.base.assign(static_cast<std::size_t>(chunks), -1);
+    t.control.assign(static_cast<std::size_t>(chunks) * 16, 0);
+    if (nx_in < 16) return t;
+    for (std::int64_t c = 0; c < chunks; ++c) {
+        const std::int32_t* v = xi + x_lo + 16 * c;
+        const std::int64_t lo = *std::min_element(v, v + 16), hi = *std::max_element(v, v + 16);
+        // The window must stay inside the source row: it may start before lo.
+        const std::int64_t b = std::min(lo, nx_in - 16);
+        if (hi - b > 15) continue;
+        t.base[c] = static_cast<std::int32_t>(b);
+        for (int k = 0; k < 16; ++k) t.control[16 * c + k] = static_cast<std::uint8_t>(v[k] - b);
+    }
+    return t;
+}
+
+#if DIFFSEG_HAVE_SSSE3_DISPATCH
+__attribute__((target("ssse3"))) inline void gather_row_ssse3(const std::uint8_t* src, std::uint8_t* dst,
+                                                              const std::int32_t* base, const std::uint8_t* control,
+                                                              std::int64_t chunks, const std::int32_t* xi) {
+    for (std::int64_t c = 0; c < chunks; ++c) {
+        const std::int32_t b = base[c];
+        if (b >= 0) {
+            const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + b));
+            const __m128i k = _mm_loadu_si128(reinterpret_cast<const __m128i*>(control + 16 * c));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * c), _mm_shuffle_epi8(w, k));
+        } else {
+            for (int q = 0; q < 16; ++q) dst[16 * c + q] = src[xi[16 * c + q]];
+        }
+    }
+}
+
+inline bool have_ssse3() {
+    static const bool ok = __builtin_cpu_supports("ssse3");
+    return ok;
+}
+#endif
+
+// Calls f(r0, r1) on blocks of output rows [r0, r1) whose bytes (row_bytes each, from `out`) are whole 2 MiB
+// pages, taken dynamically by the threads: a fresh output is faulted in as transparent huge pages, and two threads
+// that touch the same huge page would wait for each other while the kernel zeroes it.
+template <class F>
+void for_each_page_block(std::int64_t rows, const void* out, std::size_t row_bytes, int threads, F&& f) {
+    constexpr std::uintptr_t kPage = std::uintptr_t(1) << 21;
+    const std::uintptr_t rb = std::max<std::size_t>(row_bytes, 1);
+    const std::int64_t per = std::max<std::int64_t>(1, static_cast<std::int64_t>(kPage / rb));
+    const std::uintptr_t addr = reinterpret_cast<std::uintptr_t>(out);
+    const std::int64_t head =
+        std::min<std::int64_t>(rows, static_cast<std::int64_t>((kPage - addr % kPage) % kPage / rb));
+    const std::int64_t first = head > 0 ? 1 : 0;  // rows before the first page boundary
+    const std::int64_t blocks = first + (rows - head + per - 1) / per;
+    const int nt = resolve_threads(threads, blocks);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+#endif
+    for (std::int64_t b = 0; b < blocks; ++b) {
+        const std::int64_t r0 = b < first ? 0 : head + (b - first) * per;
+        const std::int64_t r1 = b < first ? head : std::min(rows, r0 + per);
+        f(r0, r1);
+    }
+}
+
 template <class T>
 void nearest(const T* src, Shape in, T* out, Shape os, const IndexMap& map, T fill, int threads) {
     check_shapes(in, os);
@@ -515,25 +594,41 @@ void nearest(const T* src, Shape in, T* out, Shape os, const IndexMap& map, T fi
             contiguous = tx.nearest[i] == tx.nearest[i - 1] + 1;
         const std::int32_t* const xi = tx.nearest.data();
         const std::int64_t x_lo = tx.lo, x_hi = tx.hi;
-        const std::int64_t rows = os.nz * os.ny;
-        const int nt = resolve_threads(threads, rows);
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 64)
+        bool shuffle = false;
+        ShuffleRow sh;
+#if DIFFSEG_HAVE_SSSE3_DISPATCH
+        if (sizeof(T) == 1 && !contiguous && x_hi - x_lo >= 16 && have_ssse3()) {
+            sh = make_shuffle_row(xi, x_lo, x_hi, in.nx);
+            shuffle = true;
+        }
 #endif
-        for (std::int64_t r = 0; r < rows; ++r) {
-            const std::int64_t k = r / os.ny, j = r % os.ny;
-            T* row = out + r * os.nx;
-            if (k < tz.lo || k >= tz.hi || j < ty.lo || j >= ty.hi) {
-                fill_n(row, os.nx, fill);
-                continue;
-            }
-            const T* s = src + (static_cast<std::int64_t>(tz.nearest[k]) * in.ny + ty.nearest[j]) * in.nx;
-            fill_n(row, x_lo, fill);
-            if (contiguous) {
-                std::memcpy(row + x_lo, s + xi[x_lo], sizeof(T) * static_cast<std::size_t>(x_hi - x_lo));
-            } else {
-                // Bounds and tables are locals: byte stores may alias anything, which would force reloads.
+        const std::int64_t chunks = shuffle ? (x_hi - x_lo) / 16 : 0;
+        const std::int64_t rows = os.nz * os.ny;
+        for_each_page_block(rows, out, sizeof(T) * static_cast<std::size_t>(os.nx), threads,
+                            [&](std::int64_t r0, std::int64_t r1) {
+            for (std::int64_t r = r0; r < r1; ++r) {
+                const std::int64_t k = r / os.ny, j = r % os.ny;
+                T* row = out + r * os.nx;
+                if (k < tz.lo || k >= tz.hi || j < ty.lo || j >= ty.hi) {
+                    fill_n(row, os.nx, fill);
+                    continue;
+                }
+                const T* s = src + (static_cast<std::int64_t>(tz.nearest[k]) * in.ny + ty.nearest[j]) * in.nx;
+                fill_n(row, x_lo, fill);
                 std::int64_t i = x_lo;
+                if (contiguous) {
+                    std::memcpy(row + x_lo, s + xi[x_lo], sizeof(T) * static_cast<std::size_t>(x_hi - x_lo));
+                    i = x_hi;
+                }
+#if DIFFSEG_HAVE_SSSE3_DISPATCH
+                if (shuffle) {
+                    gather_row_ssse3(reinterpret_cast<const std::uint8_t*>(s),
+                                     reinterpret_cast<std::uint8_t*>(row + x_lo), sh.base.data(), sh.control.data(),
+                                     chunks, xi + x_lo);
+                    i = x_lo + 16 * chunks;
+                }
+#endif
+                // Bounds and tables are locals: byte stores may alias anything, which would force reloads.
                 for (; i + 4 <= x_hi; i += 4) {
                     const T v0 = s[xi[i]], v1 = s[xi[i + 1]], v2 = s[xi[i + 2]], v3 = s[xi[i + 3]];
                     row[i] = v0;
@@ -542,9 +637,9 @@ void nearest(const T* src, Shape in, T* out, Shape os, const IndexMap& map, T fi
                     row[i + 3] = v3;
                 }
                 for (; i < x_hi; ++i) row[i] = s[xi[i]];
+                fill_n(row + x_hi, os.nx - x_hi, fill);
             }
-            fill_n(row + x_hi, os.nx - x_hi, fill);
-        }
+        });
         return;
     }
     for_each_output_row(os, map, threads, [&](std::int64_t r, const double* start, const double* vec) {
