@@ -216,6 +216,17 @@ def run_resample(b: Bench, parts: set[str], threads: int) -> None:
             lambda: resample_array(labels_iso, ISO_GRID, CT_GRID, "nearest", threads=threads),
             ours=True,
         )
+        out = np.empty(CT_GRID.shape, np.uint8)
+        out.fill(0)
+        b.time(
+            "nearest_back",
+            "diffseg resample_array nearest (out=, pre-faulted)",
+            lambda: resample_array(labels_iso, ISO_GRID, CT_GRID, "nearest", out=out, threads=threads),
+            ours=True,
+            note="kernel only",
+        )
+        b.checks["nearest_back_out_equal_to_new_output"] = bool(np.array_equal(out, ours))
+        del out
         ref = b.time(
             "nearest_back",
             "SimpleITK Resample nearest",
