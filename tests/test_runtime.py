@@ -225,3 +225,14 @@ def test_auto_on_a_cpu_machine_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     name, imported = out.stdout.split()
     assert name in ("openvino", "onnxruntime") and imported == "False"
+
+
+def test_openvino_single_patch_and_stream_paths_agree(default_package):
+    # Reference: the throughput-stream path (several patches in flight). A lone patch runs on a latency request with
+    # every thread instead; both compile the same static batch-1 network, so the outputs are bit-identical.
+    x = np.random.default_rng(2).standard_normal((3, 3, 64, 64, 64), dtype=np.float32)
+    t = np.array([10.0, 500.0, 999.0], np.float32)
+    with get_backend("openvino", default_package, "fp32") as backend:
+        together = backend.run(x, t)
+        alone = np.concatenate([backend.run(x[i : i + 1], t[i : i + 1]) for i in range(3)])
+    np.testing.assert_array_equal(alone, together)
