@@ -228,11 +228,14 @@ def test_auto_on_a_cpu_machine_does_not_import_torch():
 
 
 def test_openvino_single_patch_and_stream_paths_agree(default_package):
-    # Reference: the throughput-stream path (several patches in flight). A lone patch runs on a latency request with
-    # every thread instead; both compile the same static batch-1 network, so the outputs are bit-identical.
-    x = np.random.default_rng(2).standard_normal((3, 3, 64, 64, 64), dtype=np.float32)
-    t = np.array([10.0, 500.0, 999.0], np.float32)
+    # Reference: the throughput-stream path (patches in flight together). A lone patch (a call of one, or the odd one
+    # out of a call) runs on a latency request with every thread instead; both compile the same static batch-1
+    # network, so the outputs are bit-identical.
+    x = np.random.default_rng(2).standard_normal((4, 3, 64, 64, 64), dtype=np.float32)
+    t = np.array([10.0, 500.0, 999.0, 3.0], np.float32)
     with get_backend("openvino", default_package, "fp32") as backend:
         together = backend.run(x, t)
-        alone = np.concatenate([backend.run(x[i : i + 1], t[i : i + 1]) for i in range(3)])
+        odd = backend.run(x[:3], t[:3])
+        alone = np.concatenate([backend.run(x[i : i + 1], t[i : i + 1]) for i in range(4)])
     np.testing.assert_array_equal(alone, together)
+    np.testing.assert_array_equal(odd, together[:3])

@@ -86,14 +86,19 @@ class OpenVinoBackend(Backend):
         self._check(x, t)
         x = np.ascontiguousarray(x, dtype=np.float32)
         t = np.ascontiguousarray(t, dtype=np.float32)
-        if x.shape[0] == 1 and self.streams > 1:
+        n = x.shape[0]
+        if n == 1 and self.streams > 1:
             return self._single(x, t)
-        self._y = np.empty((x.shape[0], self.out_channels, *self.patch), np.float32)
+        # A last patch that would run alone on one stream goes to the latency request after the others (every thread)
+        lone = 1 if self.streams > 1 and n % self.streams == 1 else 0
+        self._y = np.empty((n, self.out_channels, *self.patch), np.float32)
         try:
-            for i in range(x.shape[0]):
+            for i in range(n - lone):
                 # x and t outlive the requests (wait_all below), so OpenVINO may read them in place
                 self.queue.start_async({"x": x[i : i + 1], "t": t[i : i + 1]}, userdata=i, share_inputs=True)
             self.queue.wait_all()
+            if lone:
+                self._y[n - 1] = self._single(x[n - 1 :], t[n - 1 :])[0]
             return self._y
         finally:
             self._y = None
