@@ -224,6 +224,20 @@ inline std::int32_t find_root(std::int32_t* parent, std::int32_t x) {
     return x;
 }
 
+// Joins run j's tree to the tree whose root is ri (the run being scanned); the smaller index stays the root, so
+// that labels come out in raster order. Returns the joined tree's root.
+inline std::int32_t join_run(std::int32_t* parent, std::int32_t ri, std::int64_t j) {
+    if (parent[j] == ri) return ri;  // already in ri's tree (common in dense masks)
+    const std::int32_t rj = find_root(parent, static_cast<std::int32_t>(j));
+    if (rj == ri) return ri;
+    if (rj < ri) {
+        parent[ri] = rj;
+        return rj;
+    }
+    parent[rj] = ri;
+    return ri;
+}
+
 inline void unite(std::int32_t* parent, std::int32_t a, std::int32_t b) {
     a = find_root(parent, a);
     b = find_root(parent, b);
@@ -298,15 +312,7 @@ inline void unite_row(Workspace& ws, std::int64_t z, std::int64_t y, std::int64_
             j0[k] = j;
             for (; j < je && runs[j].x0 - w < a.x1; ++j) {
                 if (Multi && values[i] != values[j]) continue;
-                if (parent[j] == ri) continue;  // already in i's tree (common in dense masks)
-                const std::int32_t rj = find_root(parent, static_cast<std::int32_t>(j));
-                if (rj == ri) continue;
-                if (rj < ri) {
-                    parent[ri] = rj;
-                    ri = rj;
-                } else {
-                    parent[rj] = ri;
-                }
+                ri = join_run(parent, ri, j);
             }
         }
     }
@@ -405,15 +411,7 @@ inline void unite_row_tables(Workspace& ws, const RowTables& tab, std::int64_t z
             const std::int64_t je = qb[k] + ts[k][a.x1];
             for (std::int64_t j = qb[k] + te[k][a.x0]; j < je; ++j) {
                 if (Multi && values[i] != values[j]) continue;
-                if (parent[j] == ri) continue;  // already in i's tree (common in dense masks)
-                const std::int32_t rj = find_root(parent, static_cast<std::int32_t>(j));
-                if (rj == ri) continue;
-                if (rj < ri) {
-                    parent[ri] = rj;
-                    ri = rj;
-                } else {
-                    parent[rj] = ri;
-                }
+                ri = join_run(parent, ri, j);
             }
         }
     }
