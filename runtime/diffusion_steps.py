@@ -23,6 +23,7 @@ __all__ = [
     "ddim_coefficients",
     "ddpm_chunk",
     "ddpm_coefficients",
+    "predicted_x0",
     "run_chunked",
     "thread_map",
 ]
@@ -156,6 +157,17 @@ def _x0_and_eps(
     eps_buf += xt
     eps_buf *= 1.0 / c["sqrt_1m_ab"]
     return eps_buf
+
+
+def predicted_x0(
+    prediction_type: str, ab: float, clip: float | None, output: np.ndarray, x_t: np.ndarray, out: np.ndarray
+) -> np.ndarray:
+    """The (clipped) x0 a network output predicts at ᾱ_t = ``ab``, with the steps' own formulas, in the dtype of
+    ``out`` (which may be ``output`` itself)."""
+    _x0_and_eps(_x0_coefficients(ab, prediction_type, clip), output, x_t, out, out, need_eps=False)
+    if clip is not None:
+        _clip(out, clip)
+    return out
 
 
 def ddim_chunk(

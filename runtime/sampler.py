@@ -114,8 +114,7 @@ def binary_entropy(p: np.ndarray) -> np.ndarray:
     np.log2(q, out=q, where=inner)
     q *= 1.0 - p
     np.add(h, q, out=h, where=inner)
-    np.negative(h, out=h)
-    h[~inner] = 0.0
+    np.negative(h, out=h, where=inner)
     return h
 
 

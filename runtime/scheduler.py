@@ -23,7 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from .diffusion_steps import ddim_chunk, ddim_coefficients, ddpm_chunk, ddpm_coefficients, run_chunked
+from .diffusion_steps import (
+    ddim_chunk,
+    ddim_coefficients,
+    ddpm_chunk,
+    ddpm_coefficients,
+    predicted_x0,
+    run_chunked,
+)
 
 __all__ = [
     "BETA_SCHEDULES",
@@ -391,19 +398,8 @@ class Scheduler:
         """
         ab = float(self.alphas_cumprod[int(t)])
         out = np.empty(output.shape, np.float32) if out is None else out
-        kind = self.config.prediction_type
-        if kind == "sample":
-            out[...] = output
-        elif kind == "epsilon":  # x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ
-            np.multiply(output, -math.sqrt(1 - ab), out=out)
-            out += x_t
-            out *= 1.0 / math.sqrt(ab)
-        else:  # v: x0 = √ᾱ·x_t − √(1−ᾱ)·v
-            np.multiply(output, -math.sqrt(1 - ab), out=out)
-            out += np.float32(math.sqrt(ab)) * x_t
-        if self.config.clip_sample:
-            np.clip(out, -self.config.clip_range, self.config.clip_range, out=out)
-        return out
+        clip = self.config.clip_range if self.config.clip_sample else None
+        return predicted_x0(self.config.prediction_type, ab, clip, output, x_t, out)
 
     def step(
         self,
