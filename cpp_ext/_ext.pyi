@@ -72,3 +72,18 @@ def remove_small(
     threads: int = 0,
 ) -> tuple[npt.NDArray[Any], int, int]:
     """Zeroes components under min_voxels (and beyond the keep_largest largest); returns (mask, found, kept)."""
+
+def diffusion_step(
+    model_output: npt.NDArray[np.float32],
+    x_t: npt.NDArray[np.float32],
+    coefficients: dict[str, Any],
+    x_prev: npt.NDArray[np.float32] | None = None,
+    x0: npt.NDArray[np.float32] | None = None,
+    noise: npt.NDArray[np.float32] | None = None,
+    variance: npt.NDArray[np.float32] | None = None,
+    scale: npt.NDArray[np.float32] | None = None,
+    threads: int = 0,
+) -> None:
+    """One reverse-diffusion step in one pass, each element in double: m = model_output·scale (scale repeats over
+    the leading axes), x0 = clip(a_out·m + a_x·x_t), x_prev = A·x0 + B·m + C·x_t + σ·z, σ a constant or
+    exp(L1·variance + L0). ``coefficients`` come from diffseg.runtime.diffusion_steps; outputs may be inputs."""

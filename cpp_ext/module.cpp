@@ -16,6 +16,7 @@ namespace py = pybind11;
 // Defined in the binding file of each kernel family.
 void register_resample(py::module_& m);
 void register_components(py::module_& m);
+void register_diffusion(py::module_& m);
 
 namespace {
 
@@ -49,9 +50,10 @@ void release_scratch() {
 }  // namespace
 
 PYBIND11_MODULE(_ext, m) {
-    m.doc() = "diffseg C++ kernels: physical-space resampling, connected components, lesion statistics";
+    m.doc() = "diffseg C++ kernels: physical-space resampling, connected components, lesion statistics, the diffusion step";
     m.def("build_info", &build_info, "Compiler, flags and threading of this build.");
     m.def("release_scratch", &release_scratch, "Free the scratch memory the kernels keep between calls.");
     register_resample(m);
     register_components(m);
+    register_diffusion(m);
 }

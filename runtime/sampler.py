@@ -283,9 +283,8 @@ def sample_step_major(
     direct_x0 = config.prediction_type == "sample"
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("step-major: %r, %d tasks, inputs cached: %s, retire after %d", sw, len(tasks), cached, patience)
-    acc = np.empty_like(x)  # blended prediction channel
+    acc = np.empty_like(x)  # Σ weight·prediction over windows; the step divides by Σ weight itself
     acc_var = np.empty_like(x) if s.var is not None else None
-    x0 = np.empty_like(x)
     noisy = any(s.scheduler.needs_noise(t, t_prev) for t, t_prev in s.pairs.tolist())
     noise = np.zeros_like(x) if noisy else x[:0]
     noise_view = noise[(slice(None), *sw.interior)] if sw.needs_padding and noisy else noise
@@ -334,11 +333,6 @@ def sample_step_major(
                     np.multiply(y[j, channel], sw.weight, out=products[i])
                     target[(i, *sw.slices[w])] += products[i]
 
-    def normalise(i: int) -> None:
-        acc[i] *= sw.inv_weight_sum
-        if acc_var is not None:
-            acc_var[i] *= sw.inv_weight_sum
-
     for step, (t, t_prev) in enumerate(s.pairs.tolist()):
         # Retirement is only worth watching while a later step could skip the engine for the task.
         watch = patience > 0 and step < len(s.pairs) - 1
@@ -350,7 +344,8 @@ def sample_step_major(
             y = s.engine(buf, t)
             samples = sorted({tasks[task][1] for task in batch})
             thread_map(lambda i, b=batch, y=y, t=t, w=watch: accumulate(i, b, y, t, w), samples, threads)
-        thread_map(normalise, range(k), threads)
+        if acc_var is not None:
+            acc_var *= sw.inv_weight_sum
         z = None
         if s.scheduler.needs_noise(t, t_prev):  # draw 2
             z = noise
@@ -358,7 +353,7 @@ def sample_step_major(
                 noise_view[...] = s.rng.standard_normal((k, *s.spatial), dtype=np.float32)
             else:
                 s.rng.standard_normal(dtype=np.float32, out=noise)
-        s.scheduler.step(acc, x, t, t_prev, noise=z, variance_output=acc_var, out=(x, x0))
+        s.scheduler.step(acc, x, t, t_prev, noise=z, variance_output=acc_var, scale=sw.inv_weight_sum, out=(x, None))
         if sw.needs_padding:  # the padded margin of x_t stays pad_value, as MONAI pads each pass's input
             inner = x[(slice(None), *sw.interior)].copy()
             x.fill(wopt.pad_value)
@@ -435,7 +430,7 @@ def sample_window_major(
             x[g * k : (g + 1) * k] = x_init[(slice(None), *sw.slices[w])]
         model_out = np.empty_like(x)
         model_var = np.empty_like(x) if s.var is not None else None
-        x0, noise = np.empty_like(x), np.empty_like(x)
+        noise = np.empty_like(x)
         generators = [np.random.default_rng(int(seeds[w])) for w in group] if seeds is not None else []
         for (t, t_prev), noisy in zip(pairs, noisy_steps, strict=True):
             buf[:, s.noisy] = x
@@ -449,7 +444,7 @@ def sample_window_major(
                 for g, generator in enumerate(generators):
                     generator.standard_normal(dtype=np.float32, out=noise[g * k : (g + 1) * k])
             z = noise if noisy else None
-            s.scheduler.step(model_out, x, t, t_prev, noise=z, variance_output=model_var, out=(x, x0))
+            s.scheduler.step(model_out, x, t, t_prev, noise=z, variance_output=model_var, out=(x, None))
         for g, w in enumerate(group):
             target = acc[(slice(None), *sw.slices[w])]
             target += x[g * k : (g + 1) * k] * sw.weight

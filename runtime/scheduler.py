@@ -8,9 +8,10 @@ the end of the chain" and uses ᾱ = 1 (``set_alpha_to_one``) or ᾱ_0. Explicit
 - diffusers DDPM and guided-diffusion respacing pair consecutive grid entries (t_k, t_{k+1}), which is what
   :func:`timestep_pairs` returns. On the ``leading`` grid both rules give the same pairs.
 
-Coefficients are computed in float64 from the ᾱ table. The arrays are float32; a step widens them to float64 in
-cache-sized chunks (so a step over a whole volume allocates nothing volume-sized and loses no precision to the
-cancellation in x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ at large t), then rounds the results to float32.
+Coefficients are computed in float64 from the ᾱ table (:mod:`diffseg.runtime.diffusion_steps`). The arrays are
+float32; a step is one pass of ``diffseg._ext.diffusion_step``, which widens each element to double (so a step over
+a whole volume allocates nothing and loses no precision to the cancellation in x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ at large
+t) and rounds the results to float32.
 """
 
 from __future__ import annotations
@@ -23,14 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .diffusion_steps import (
-    ddim_chunk,
-    ddim_coefficients,
-    ddpm_chunk,
-    ddpm_coefficients,
-    predicted_x0,
-    run_chunked,
-)
+from .. import _ext
+from .diffusion_steps import ddim_coefficients, ddpm_coefficients, x0_only
 
 __all__ = [
     "BETA_SCHEDULES",
@@ -289,14 +284,6 @@ def timestep_pairs(num_train_timesteps: int, steps: int, spacing: str, steps_off
     return np.stack([grid, np.append(grid[1:], -1)], axis=1)
 
 
-def _flat(a: np.ndarray, name: str) -> np.ndarray:
-    if a.dtype != np.float32 or not a.flags.c_contiguous:
-        raise ValueError(
-            f"{name} must be a C-contiguous float32 array, got {a.dtype} contiguous={a.flags.c_contiguous}"
-        )
-    return a.reshape(-1)
-
-
 class Scheduler:
     """A diffusion process (ᾱ table) with one sampler's reverse step on explicit ``(t, t_prev)`` pairs.
 
@@ -397,9 +384,12 @@ class Scheduler:
             float32 array shaped like ``output``.
         """
         ab = float(self.alphas_cumprod[int(t)])
+        output = np.ascontiguousarray(output, dtype=np.float32)
         out = np.empty(output.shape, np.float32) if out is None else out
         clip = self.config.clip_range if self.config.clip_sample else None
-        return predicted_x0(self.config.prediction_type, ab, clip, output, x_t, out)
+        coef = x0_only(ab, self.config.prediction_type, clip)
+        _ext.diffusion_step(output, np.ascontiguousarray(x_t, dtype=np.float32), coef, x0=out, threads=1)
+        return out
 
     def step(
         self,
@@ -410,8 +400,9 @@ class Scheduler:
         *,
         noise: np.ndarray | None = None,
         variance_output: np.ndarray | None = None,
-        out: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        scale: np.ndarray | None = None,
+        out: tuple[np.ndarray, np.ndarray | None] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """One reverse step x_t → x_{t_prev} of the configured sampler.
 
         Args:
@@ -421,18 +412,20 @@ class Scheduler:
             t_prev: the timestep to step to (< t; negative = end of the chain).
             noise: standard normal z, shaped like ``x_t``; required when :meth:`needs_noise` is true.
             variance_output: the variance-interpolation channel v ∈ [−1, 1] (DDPM ``learned_range`` only).
+            scale: optional float32 factor applied to ``model_output`` first, shaped like the trailing axes of
+                ``x_t`` (the sampler passes a weighted sum of window outputs and 1/Σweights, saving a pass).
             out: optional ``(x_prev, x0)`` float32 buffers; ``x_prev`` may be ``x_t`` itself (an in-place
-                update).
+                update); ``x0`` None skips writing the predicted x0.
 
         Returns:
-            ``(x_prev, x0)``: the next sample and the (clipped) predicted x0, float32.
+            ``(x_prev, x0)``: the next sample and the (clipped) predicted x0 (None when ``out[1]`` is None), float32.
 
         Raises:
             ValueError: on shape/dtype mismatch, a bad pair, missing noise or missing variance output.
         """
         # Variable → symbol: model_output → ε_θ | x0_θ | v_θ;  x_t → x_t;  ab → ᾱ_t;  ab_prev → ᾱ_{t_prev};
-        # noise → z;  variance_output → v (learned range);  x_prev → x_{t_prev};  x0 → x̂0. The arithmetic, with the
-        # paper's equations, is in diffusion_steps.ddim_chunk / ddpm_chunk.
+        # noise → z;  variance_output → v (learned range);  x_prev → x_{t_prev};  x0 → x̂0. The coefficients, with the
+        # papers' equations, are derived in diffusion_steps.ddim_coefficients / ddpm_coefficients.
         t, t_prev = int(t), int(t_prev)
         ab, ab_prev = self._alphas(t, t_prev)
         x_t = np.ascontiguousarray(x_t, dtype=np.float32)
@@ -453,25 +446,42 @@ class Scheduler:
         for name, a in arrays.items():
             if a.shape != x_t.shape:
                 raise ValueError(f"{name} shape {a.shape} differs from x_t shape {x_t.shape}")
+        if scale is not None:
+            scale = np.ascontiguousarray(scale, dtype=np.float32)
+            if scale.ndim > x_t.ndim or scale.shape != x_t.shape[x_t.ndim - scale.ndim :]:
+                raise ValueError(f"scale shape {scale.shape} is not the trailing shape of x_t {x_t.shape}")
         if out is None:
             x_prev, x0 = np.empty_like(x_t), np.empty_like(x_t)
         else:
             x_prev, x0 = out
             for name, a in (("out[0]", x_prev), ("out[1]", x0)):
-                if a.shape != x_t.shape:
-                    raise ValueError(f"{name} shape {a.shape} differs from x_t shape {x_t.shape}")
+                if a is not None and (a.shape != x_t.shape or a.dtype != np.float32 or not a.flags.c_contiguous):
+                    raise ValueError(f"{name} must be C-contiguous float32 of shape {x_t.shape}")
             for name, a in arrays.items():
-                if np.may_share_memory(x0, a) or (name != "x_t" and np.may_share_memory(x_prev, a)):
+                if (x0 is not None and np.may_share_memory(x0, a)) or (
+                    name != "x_t" and np.may_share_memory(x_prev, a)
+                ):
                     raise ValueError(f"output buffers may not overlap {name} (x_prev may be x_t itself)")
-        flat = {name: _flat(a, name) for name, a in arrays.items()}
-        f_prev, f_x0 = _flat(x_prev, "out[0]"), _flat(x0, "out[1]")
+            if np.may_share_memory(x_prev, x_t) and x_prev.__array_interface__ != x_t.__array_interface__:
+                raise ValueError("x_prev overlaps x_t without being x_t itself")
+            if x0 is not None and np.may_share_memory(x0, x_prev):
+                raise ValueError("out[0] and out[1] may not overlap")
         c, o = self.config, self.options
         clip = c.clip_range if c.clip_sample else None
         if o.sampler == "ddpm":
-            kernel, coef = ddpm_chunk, ddpm_coefficients(ab, ab_prev, c.prediction_type, clip, c.variance_type)
+            coef = ddpm_coefficients(ab, ab_prev, c.prediction_type, clip, c.variance_type, want_noise)
         else:
             recompute = o.eps_convention == "recompute"
-            kernel, coef = ddim_chunk, ddim_coefficients(ab, ab_prev, c.prediction_type, clip, o.eta, recompute)
-        coef["noise"] = want_noise
-        run_chunked(kernel, coef, flat, f_prev, f_x0, self.threads)
+            coef = ddim_coefficients(ab, ab_prev, c.prediction_type, clip, o.eta, recompute, want_noise)
+        _ext.diffusion_step(
+            model_output,
+            x_t,
+            coef,
+            x_prev=x_prev,
+            x0=x0,
+            noise=arrays.get("noise"),
+            variance=arrays.get("variance_output"),
+            scale=scale,
+            threads=self.threads,
+        )
         return x_prev, x0

@@ -26,7 +26,8 @@ from diffseg.runtime.scheduler import (
     timestep_pairs,
 )
 
-SHAPE = (2, 1, 16, 32, 40)  # 40,960 voxels: two of the scheduler's 32,768-element chunks
+SHAPE = (2, 1, 16, 32, 40)  # 40,960 voxels
+BIG = (2, 1, 32, 64, 64)  # 262,144 voxels: four of the step kernel's 65,536-element thread shares
 
 
 def assert_rel(got: np.ndarray, ref: np.ndarray, tol: float = 1e-5) -> None:
@@ -291,9 +292,9 @@ def test_in_place_step_equals_out_of_place(sampler):
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_threads_give_identical_steps(sampler):
-    # Reference: the single-threaded step (bit-exact); SHAPE spans several chunks, dealt out to 1 vs 4 threads.
+    # Reference: the single-threaded step (bit-exact); BIG spans four thread shares, dealt out to 1 vs 4 threads.
     config = SchedulerConfig(variance_type="learned_range", output_channels=2)
-    x, out, z, v = randn(1), randn(2), randn(3), np.tanh(randn(4))
+    x, out, z, v = randn(1, BIG), randn(2, BIG), randn(3, BIG), np.tanh(randn(4, BIG))
     steps = [
         Scheduler(config, SamplerOptions(sampler=sampler, eta=0.0, threads=n)).step(
             out, x, 800, 700, noise=z, variance_output=v
@@ -323,8 +324,7 @@ def test_output_for_x0_round_trips(pred):
 @pytest.mark.parametrize("pred", PREDICTION_TYPES)
 @pytest.mark.parametrize("clip", [False, True])
 def test_x0_for_output_equals_the_steps_x0(pred, clip):
-    # Reference: the x0 that step() predicts from the same output (its float64 arithmetic, clipped as configured);
-    # x0_for_output computes in float32, so the tolerance is float32 rounding amplified by the ε → x0 map.
+    # Reference: the x0 that step() predicts from the same output; both run the same kernel (bit-exact).
     ours = Scheduler(SchedulerConfig(prediction_type=pred, clip_sample=clip))
     rng = np.random.default_rng(1)
     for t in (999, 500, 3):
@@ -332,9 +332,7 @@ def test_x0_for_output_equals_the_steps_x0(pred, clip):
         out = rng.standard_normal(SHAPE).astype(np.float32)
         _, want = ours.step(out, x_t, t, t - 100)
         got = ours.x0_for_output(out, x_t, t)
-        ab = ours.alphas_cumprod[t]
-        amplification = 1.0 / math.sqrt(ab) if pred != "sample" else 1.0
-        np.testing.assert_allclose(got, want, atol=1e-6 * amplification * (1 + np.abs(x_t).max() + np.abs(out).max()))
+        np.testing.assert_array_equal(got, want)
         if clip:
             assert np.abs(got).max() <= 1.0
 
@@ -421,3 +419,55 @@ def test_step_errors():
     learned = SchedulerConfig(variance_type="learned_range", output_channels=2)
     with pytest.raises(ValueError, match="variance_output"):
         Scheduler(learned, SamplerOptions(sampler="ddpm")).step(x, x, 900, 800, noise=x)
+    flat = randn(0, (12,))
+    with pytest.raises(ValueError, match="overlaps x_t without being"):
+        ddim.step(x, flat[:6].reshape(2, 3), 900, 800, noise=x, out=(flat[3:9].reshape(2, 3), None))
+    with pytest.raises(ValueError, match="trailing shape"):
+        ddim.step(x, x, 900, 800, noise=x, scale=np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="may not overlap"):
+        buf = np.empty_like(x)
+        ddim.step(x, x.copy(), 900, 800, noise=x, out=(buf, buf))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_scale_equals_scaling_the_output_first(sampler):
+    # Reference: the same step on model_output·scale (rounded to float32 first, where the kernel multiplies in
+    # double: a relative difference of float32 rounding, amplified by at most the ε → x0 map at t = 800).
+    ours = Scheduler(SchedulerConfig(), SamplerOptions(sampler=sampler, eta=0.4 if sampler == "ddim" else 0.0))
+    x, out, z = randn(1), randn(2), randn(3)
+    scale = np.random.default_rng(5).uniform(0.5, 4.0, SHAPE[1:]).astype(np.float32)
+    want_prev, want_x0 = ours.step(out * scale, x, 800, 700, noise=z)
+    got_prev, got_x0 = ours.step(out, x, 800, 700, noise=z, scale=scale)
+    ab = ours.alphas_cumprod[800]
+    tol = 1e-6 + 2 * 2**-24 * math.sqrt((1 - ab) / ab)
+    assert_rel(got_prev, want_prev, tol)
+    assert_rel(got_x0, want_x0, tol)
+    # without an x0 buffer, x_prev is the same to the bit and x0 is not written
+    x_prev = np.empty_like(x)
+    prev, none = ours.step(out, x, 800, 700, noise=z, scale=scale, out=(x_prev, None))
+    assert prev is x_prev and none is None
+    np.testing.assert_array_equal(x_prev, got_prev)
+
+
+def test_step_kernel_argument_errors():
+    # The compiled kernel names the argument and the problem.
+    from diffseg import _ext
+    from diffseg.runtime.diffusion_steps import ddim_coefficients
+
+    coef = ddim_coefficients(0.5, 0.7, "epsilon", None, 0.0, False, False)
+    x = randn(0, (4, 5))
+    with pytest.raises(ValueError, match="x_t must be float32"):
+        _ext.diffusion_step(x, x.astype(np.float64), coef, x_prev=x.copy())
+    with pytest.raises(ValueError, match="model_output must be C-contiguous"):
+        _ext.diffusion_step(np.asfortranarray(x), x, coef, x_prev=x.copy())
+    with pytest.raises(ValueError, match="x_prev has shape"):
+        _ext.diffusion_step(x, x, coef, x_prev=np.empty((5, 4), np.float32))
+    with pytest.raises(ValueError, match="lack 'A'"):
+        _ext.diffusion_step(x, x, {k: v for k, v in coef.items() if k != "A"}, x_prev=x.copy())
+    with pytest.raises(ValueError, match="pass noise"):
+        _ext.diffusion_step(x, x, {**coef, "noise": "constant", "sigma": 1.0}, x_prev=x.copy())
+    with pytest.raises(ValueError, match="different buffers"):
+        buf = x.copy()
+        _ext.diffusion_step(x, x, coef, x_prev=buf, x0=buf)
+    with pytest.raises(ValueError, match="trailing axes"):
+        _ext.diffusion_step(x, x, coef, x_prev=x.copy(), scale=np.ones(4, np.float32))
