@@ -357,18 +357,22 @@ class Scheduler:
         Returns:
             float32 array shaped like x_t.
         """
-        ab = float(self.alphas_cumprod[int(t)])
+        scale_x, scale_0 = self.output_coefficients(t)
         out = np.empty(x_t.shape, np.float32) if out is None else out
+        np.multiply(x_t, np.float32(scale_x), out=out)
+        out += np.float32(scale_0) * np.asarray(x0, np.float32)
+        return out
+
+    def output_coefficients(self, t: int) -> tuple[float, float]:
+        """(c_x, c_0) with output = c_x·x_t + c_0·x0 for the network output consistent with x0 at (x_t, t)."""
+        ab = float(self.alphas_cumprod[int(t)])
         kind = self.config.prediction_type
         if kind == "sample":
-            out[...] = x0
-            return out
-        scale_x = 1.0 if kind == "epsilon" else math.sqrt(ab)
-        scale_0 = math.sqrt(ab) if kind == "epsilon" else 1.0
-        np.multiply(x_t, scale_x, out=out)
-        out -= np.float32(scale_0) * np.asarray(x0, np.float32)
-        out *= 1.0 / math.sqrt(1 - ab)
-        return out
+            return 0.0, 1.0
+        inv = 1.0 / math.sqrt(1 - ab)
+        if kind == "epsilon":
+            return inv, -math.sqrt(ab) * inv
+        return math.sqrt(ab) * inv, -inv
 
     def x0_for_output(self, output: np.ndarray, x_t: np.ndarray, t: int, out: np.ndarray | None = None) -> np.ndarray:
         """The x0 that a network output (of ``prediction_type``) predicts at (x_t, t), clipped as :meth:`step` clips
@@ -390,6 +394,18 @@ class Scheduler:
         coef = x0_only(ab, self.config.prediction_type, clip)
         _ext.diffusion_step(output, np.ascontiguousarray(x_t, dtype=np.float32), coef, x0=out, threads=1)
         return out
+
+    def step_coefficients(self, t: int, t_prev: int) -> dict[str, Any]:
+        """The float64 coefficients of the step from t to t_prev in :mod:`diffusion_steps`' element-wise form."""
+        t, t_prev = int(t), int(t_prev)
+        ab, ab_prev = self._alphas(t, t_prev)
+        c, o = self.config, self.options
+        clip = c.clip_range if c.clip_sample else None
+        noise = self.needs_noise(t, t_prev)
+        if o.sampler == "ddpm":
+            return ddpm_coefficients(ab, ab_prev, c.prediction_type, clip, c.variance_type, noise)
+        recompute = o.eps_convention == "recompute"
+        return ddim_coefficients(ab, ab_prev, c.prediction_type, clip, o.eta, recompute, noise)
 
     def step(
         self,
@@ -427,7 +443,7 @@ class Scheduler:
         # noise → z;  variance_output → v (learned range);  x_prev → x_{t_prev};  x0 → x̂0. The coefficients, with the
         # papers' equations, are derived in diffusion_steps.ddim_coefficients / ddpm_coefficients.
         t, t_prev = int(t), int(t_prev)
-        ab, ab_prev = self._alphas(t, t_prev)
+        self._alphas(t, t_prev)  # validates the pair before any array work
         x_t = np.ascontiguousarray(x_t, dtype=np.float32)
         model_output = np.ascontiguousarray(model_output, dtype=np.float32)
         if model_output.shape != x_t.shape:
@@ -466,13 +482,7 @@ class Scheduler:
                 raise ValueError("x_prev overlaps x_t without being x_t itself")
             if x0 is not None and np.may_share_memory(x0, x_prev):
                 raise ValueError("out[0] and out[1] may not overlap")
-        c, o = self.config, self.options
-        clip = c.clip_range if c.clip_sample else None
-        if o.sampler == "ddpm":
-            coef = ddpm_coefficients(ab, ab_prev, c.prediction_type, clip, c.variance_type, want_noise)
-        else:
-            recompute = o.eps_convention == "recompute"
-            coef = ddim_coefficients(ab, ab_prev, c.prediction_type, clip, o.eta, recompute, want_noise)
+        coef = self.step_coefficients(t, t_prev)
         _ext.diffusion_step(
             model_output,
             x_t,

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend, get_backend
+from .device_sampler import sample_step_major_on_device
 from .manifest import ModelPackage, load_package
 from .postprocess import PostprocessOptions, postprocess
 from .preprocess import model_grid_for, normalise, resample_to
@@ -100,6 +101,9 @@ class Segmenter:
             this many consecutive steps (0 = off, exact; None = the manifest's ``retire_after``, else 0). See
             ``WindowOptions.retire_after``.
         threads: CPU threads for the engine (None: all cores).
+        device_loop: step-major only: keep x_t and the accumulators on the engine's device across steps
+            (:mod:`diffseg.runtime.device_sampler`; onnxruntime backends). None: on for onnxruntime on a GPU, off
+            elsewhere (on the CPU the host loop is as fast). True on a backend that cannot is an error.
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class Segmenter:
         skip_empty_windows: bool = True,
         retire_after: int | None = None,
         threads: int | None = None,
+        device_loop: bool | None = None,
     ) -> None:
         self.package: ModelPackage = load_package(model)
         m = self.package.manifest
@@ -155,7 +160,22 @@ class Segmenter:
         t0 = time.perf_counter()
         self.backend: Backend = get_backend(backend, self.package, precision, threads)
         self.load_seconds = time.perf_counter() - t0
+        self.device_loop = self._device_loop(device_loop)
         logger.info("model %s on %s", m.name, self.backend.describe())
+
+    def _device_loop(self, wanted: bool | None) -> bool:
+        able = getattr(self.backend, "device_loop", False) and self.loop_order == "step_major"
+        learned = self.sampler_options.sampler == "ddpm" and self.scheduler_config.variance_type == "learned_range"
+        able = able and not learned
+        if wanted is None:
+            return bool(able and self.backend.device != "cpu")
+        if wanted and not able:
+            self.backend.close()
+            raise ValueError(
+                f"device_loop needs an onnxruntime backend, the step-major loop and no learned variance; "
+                f"got backend {self.backend.name!r}, loop {self.loop_order}"
+            )
+        return bool(wanted)
 
     def _retire_after(self, value: int | None, defaults: Mapping[str, Any]) -> int:
         if value is None:
@@ -179,6 +199,7 @@ class Segmenter:
             "model": {"name": m.name, "version": m.version, "path": str(self.package.root)},
             **self.backend.describe(),
             "loop_order": self.loop_order,
+            "device_loop": self.device_loop,
             "sampler": vars(self.sampler_options).copy(),
             "window": {
                 "patch_size": list(self.window_options.patch_size),
@@ -259,9 +280,20 @@ class Segmenter:
                 progress(calls)
             return y
 
-        s = LOOP_ORDERS[self.loop_order](
-            image, run, self.scheduler_config, options, self.window_options, candidate=candidate
-        )
+        if self.device_loop:
+            s = sample_step_major_on_device(
+                image,
+                self.backend,
+                self.scheduler_config,
+                options,
+                self.window_options,
+                candidate=candidate,
+                on_call=progress,
+            )
+        else:
+            s = LOOP_ORDERS[self.loop_order](
+                image, run, self.scheduler_config, options, self.window_options, candidate=candidate
+            )
         del image
         lap("sample")
 

@@ -20,6 +20,10 @@ def _providers() -> list[str]:
 
 class _OrtBase(Backend):
     provider = "CPUExecutionProvider"
+    ort_device = "cpu"  # where OrtValues of this backend live (onnxruntime's device name)
+    device_id = 0
+    # Steps run on the engine's device (diffseg.runtime.device_sampler): x_t and the accumulators stay there.
+    device_loop = True
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -35,7 +39,7 @@ class _OrtBase(Backend):
     def precision_reason(cls, precision: str) -> str | None:
         return None if precision in cls.precisions else f"supported: {list(cls.precisions)}"
 
-    def _session_options(self):
+    def session_options(self):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -50,10 +54,17 @@ class _OrtBase(Backend):
     def _open(self, path: Path, providers: list) -> None:
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(path), self._session_options(), providers=providers)
+        self.session = ort.InferenceSession(str(path), self.session_options(), providers=providers)
         active = self.session.get_providers()[0]
         if active != self.provider:
             raise BackendUnavailableError(f"onnxruntime activated {active}, not the requested {self.provider}")
+
+    def helper_providers(self) -> list:
+        """Providers for the sampler's small step graphs: the engine's device, without TensorRT (nothing to gain
+        from an engine build for element-wise graphs)."""
+        if self.ort_device == "cpu":
+            return ["CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", {"device_id": self.device_id})]
 
     def close(self) -> None:
         self.session = None
@@ -89,6 +100,7 @@ class OrtCudaBackend(_OrtBase):
 
     name = "onnxruntime-cuda"
     provider = "CUDAExecutionProvider"
+    ort_device = "cuda"
     precisions = ("fp16", "fp32")
 
     def __init__(self, package, precision: str, threads: int | None = None, device_id: int = 0) -> None:
