@@ -48,6 +48,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the model's)",
     )
     parser.add_argument("--threads", type=int, help="CPU threads for the engine (default: all cores)")
+    parser.add_argument(
+        "--device-loop",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep x_t on the engine's device across steps (onnxruntime backends; default: on for onnxruntime on a "
+        "GPU)",
+    )
 
 
 def make_segmenter(args: argparse.Namespace):
@@ -69,6 +76,7 @@ def make_segmenter(args: argparse.Namespace):
         skip_empty_windows=not args.no_skip,
         retire_after=args.retire_after,
         threads=args.threads,
+        device_loop=args.device_loop,
     )
 
 
