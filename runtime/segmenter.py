@@ -102,8 +102,8 @@ class Segmenter:
             ``WindowOptions.retire_after``.
         threads: CPU threads for the engine (None: all cores).
         device_loop: step-major only: keep x_t and the accumulators on the engine's device across steps
-            (:mod:`diffseg.runtime.device_sampler`; onnxruntime backends). None: on for onnxruntime on a GPU, off
-            elsewhere (on the CPU the host loop is as fast). True on a backend that cannot is an error.
+            (:mod:`diffseg.runtime.device_sampler`; onnxruntime and torch backends). None: on where the engine runs
+            on a GPU, off on the CPU (where the host loop is as fast). True on a backend that cannot is an error.
     """
 
     def __init__(
@@ -172,7 +172,8 @@ class Segmenter:
         if wanted and not able:
             self.backend.close()
             raise ValueError(
-                f"device_loop needs an onnxruntime backend, the step-major loop and no learned variance; "
+                f"device_loop needs a backend that has one (onnxruntime, torch), the step-major loop and no learned "
+                f"variance; "
                 f"got backend {self.backend.name!r}, loop {self.loop_order}"
             )
         return bool(wanted)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from diffseg.runtime.backends import get_backend
-from diffseg.runtime.device_sampler import DeviceGraphs, sample_step_major_on_device
+from diffseg.runtime.device_sampler import DeviceLayout, OrtDeviceOps, sample_step_major_on_device
 from diffseg.runtime.manifest import load_package, sha256_of
 from diffseg.runtime.sampler import SamplerOptions, WindowOptions, sample_step_major
 from diffseg.runtime.scheduler import PREDICTION_TYPES, Scheduler, SchedulerConfig
@@ -30,10 +30,27 @@ def ort_cpu(default_package):
         yield backend
 
 
-def _run(dev: DeviceGraphs, model, inputs: dict[str, np.ndarray], outputs: dict[str, tuple]) -> dict[str, np.ndarray]:
+def _ops(backend, k: int, padded: tuple[int, ...], patch: tuple[int, ...]) -> OrtDeviceOps:
+    layout = DeviceLayout(
+        samples=k,
+        padded=padded,
+        patch=patch,
+        image_channels=2,
+        noisy_channel=2,
+        prediction_channel=0,
+        output_channels=1,
+        weight=np.ones(patch, np.float32),
+        inv_weight_sum=np.ones(padded, np.float32),
+        interior=None,
+        pad_value=0.0,
+    )
+    return OrtDeviceOps(backend, layout, None)
+
+
+def _run(dev: OrtDeviceOps, model, inputs: dict[str, np.ndarray], outputs: dict[str, tuple]) -> dict[str, np.ndarray]:
     session = dev.session(id(model), lambda: model)
     bound = {name: dev.empty(shape, dtype) for name, (shape, dtype) in outputs.items()}
-    dev.run(session, {k: dev.value(v) for k, v in inputs.items()}, bound)
+    dev.run(session, {k: dev.upload(v) for k, v in inputs.items()}, bound)
     return {name: v.numpy() for name, v in bound.items()}
 
 
@@ -42,8 +59,8 @@ def _run(dev: DeviceGraphs, model, inputs: dict[str, np.ndarray], outputs: dict[
 def test_step_graph_equals_the_scheduler_step(ort_cpu, pred, sampler, eta, clip):
     # Reference: Scheduler.step (the C++ kernel) with the same scale; same double arithmetic in the same order, so
     # equal to float32 rounding of identical doubles (bit-exact expected; 1 ulp allowed for library differences).
-    dev = DeviceGraphs(ort_cpu)
     k, padded = 2, (5, 6, 7)
+    dev = _ops(ort_cpu, k, padded, (2, 2, 2))
     rng = np.random.default_rng(3)
     acc, x, z = (rng.standard_normal((k, *padded)).astype(np.float32) for _ in range(3))
     scale = rng.uniform(0.5, 3.0, padded).astype(np.float32)
@@ -64,8 +81,8 @@ def test_step_graph_equals_the_scheduler_step(ort_cpu, pred, sampler, eta, clip)
 
 def test_gather_background_and_blend_graphs_equal_numpy(ort_cpu):
     # Reference: the same operations written with numpy slices.
-    dev = DeviceGraphs(ort_cpu)
     k, padded, patch, c_img = 2, (7, 8, 9), (4, 5, 6), 2
+    dev = _ops(ort_cpu, k, padded, patch)
     rng = np.random.default_rng(4)
     x = rng.standard_normal((k, *padded)).astype(np.float32)
     image = rng.standard_normal((c_img, *padded)).astype(np.float32)
@@ -191,9 +208,33 @@ def test_segmenter_device_loop_choice(default_package):
         assert seg.device_loop is False and seg.settings()["device_loop"] is False
     with Segmenter("default", backend="onnxruntime", steps=2, samples=1, device_loop=True) as seg:
         assert seg.device_loop is True
-    with pytest.raises(ValueError, match="device_loop needs an onnxruntime backend"):
+    with pytest.raises(ValueError, match="device_loop needs a backend that has one"):
         Segmenter("default", backend="openvino", precision="fp32", device_loop=True)
     with pytest.raises(ValueError, match="device_loop needs"):
         Segmenter("default", backend="onnxruntime", loop_order="window-major", device_loop=True)
     with pytest.raises(ValueError, match="cannot keep x_t on its device"):
         sample_step_major_on_device(np.zeros((2, 8, 8, 8), np.float32), object(), SchedulerConfig())
+
+
+def test_torch_device_loop_equals_host_loop(default_package):
+    # Reference: the host loop on the same torch engine (fp32 on the CPU here; fp16 with CUDA graphs on a GPU runs
+    # the same TorchDeviceOps). Covers skipped windows and padding; tolerance as the onnxruntime test.
+    torch_backend = pytest.importorskip("diffseg.runtime.backends.torch_backend")
+    config = SchedulerConfig.from_dict(default_package.manifest.diffusion)
+    rng = np.random.default_rng(8)
+    shape = (40, 70, 130)
+    image = np.stack([np.full(shape, 0.05, np.float32), rng.uniform(-0.2, 0.2, shape).astype(np.float32)])
+    image[0, 10:30, 20:50, 10:40] = 1.5
+    candidate = image[0] > 1.0
+    options = SamplerOptions(steps=2, num_samples=2, eta=0.5, timestep_spacing="linspace", seed=3)
+    window = WindowOptions(patch_size=PATCH, overlap=0.25, batch_size=4, retire_after=1)
+    backend = torch_backend.TorchBackend(default_package, "fp32", threads=2)
+    host = sample_step_major(image, backend.run, config, options, window, candidate=candidate)
+    device = sample_step_major_on_device(image, backend, config, options, window, candidate=candidate)
+    assert host.windows_skipped > 0
+    assert (device.windows_skipped, device.retired, device.patch_forwards) == (
+        host.windows_skipped,
+        host.retired,
+        host.patch_forwards,
+    )
+    np.testing.assert_allclose(device.probabilities, host.probabilities, atol=1e-5)

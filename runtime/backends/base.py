@@ -31,6 +31,9 @@ class Backend(ABC):
 
     name: str = ""
     precisions: tuple[str, ...] = ()
+    # Whether ``device_ops(layout, clip)`` can run the sampler's steps on the engine's device
+    # (diffseg.runtime.device_sampler), keeping x_t there across steps.
+    device_loop: bool = False
 
     def __init__(self, package: ModelPackage, precision: str, threads: int | None = None) -> None:
         if precision not in self.precisions:

@@ -59,6 +59,12 @@ class _OrtBase(Backend):
         if active != self.provider:
             raise BackendUnavailableError(f"onnxruntime activated {active}, not the requested {self.provider}")
 
+    def device_ops(self, layout, clip: float | None):
+        """The device loop's per-step work on this session's device (diffseg.runtime.device_sampler)."""
+        from ..device_sampler import OrtDeviceOps
+
+        return OrtDeviceOps(self, layout, clip)
+
     def helper_providers(self) -> list:
         """Providers for the sampler's small step graphs: the engine's device, without TensorRT (nothing to gain
         from an engine build for element-wise graphs)."""

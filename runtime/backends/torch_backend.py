@@ -6,16 +6,20 @@ package's ``denoiser.pt`` (loaded with ``weights_only=True``, after the sha256 c
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from ..device_sampler import DeviceLayout, DeviceOps
 from .base import Backend, BackendUnavailableError
 
-__all__ = ["TorchBackend"]
+__all__ = ["TorchBackend", "TorchDeviceOps"]
 
 
 class TorchBackend(Backend):
     name = "torch"
     precisions = ("fp32", "fp16")
+    device_loop = True
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -94,8 +98,107 @@ class TorchBackend(Backend):
             y = self.model(torch.from_numpy(x).cuda().half(), torch.from_numpy(t).cuda())
         return y.float().cpu().numpy()
 
+    def run_tensor(self, x, t: int):
+        """One engine call on a float32 tensor already on the engine's device; returns the output tensor there (for
+        CUDA graphs, the graph's own output buffer, valid until the next call)."""
+        torch = self.torch
+        if self.cuda_graphs:
+            graph, xs, ts, ys = self._graph(x.shape[0])
+            xs.copy_(x)
+            ts.fill_(float(t))
+            graph.replay()
+            return ys
+        with torch.inference_mode():
+            t_vec = torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
+            return self.model(x.half() if self.precision == "fp16" else x, t_vec)
+
+    def device_ops(self, layout: DeviceLayout, clip: float | None) -> TorchDeviceOps:
+        """The device loop's per-step work as tensor operations on this engine's device."""
+        return TorchDeviceOps(self, layout, clip)
+
     def close(self) -> None:
         self._graphs.clear()
 
     def describe(self) -> dict:
         return {**super().describe(), "torch": self.torch.__version__, "cuda_graphs": self.cuda_graphs}
+
+
+class TorchDeviceOps(DeviceOps):
+    """The device loop on torch tensors (CUDA for fp16; the CPU for the fp32 reference and tests). Updates the
+    accumulator and x_t in place; the step computes in float64 as ``diffseg._ext.diffusion_step``."""
+
+    def __init__(self, backend: TorchBackend, layout: DeviceLayout, clip: float | None) -> None:
+        super().__init__(layout)
+        self.torch = torch = backend.torch
+        self.backend, self.clip = backend, clip
+        self.device = torch.device("cuda" if backend.device == "cuda" else "cpu")
+        self.weight = self.upload(layout.weight)
+        self.scale = self.upload(layout.inv_weight_sum).double()
+        self.interior = None if layout.interior is None else self.upload(layout.interior)
+        self.image_channels = (
+            slice(0, layout.image_channels) if layout.noisy_channel == layout.image_channels else slice(1, None)
+        )
+        self.rows: dict[int, Any] = {}
+        self.acc = None
+
+    def upload(self, array: np.ndarray):
+        return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def download(self, value) -> np.ndarray:
+        return value.cpu().numpy()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _region(self, start: list[int]) -> tuple[slice, ...]:
+        return tuple(slice(a, a + p) for a, p in zip(start, self.layout.patch, strict=True))
+
+    def background(self, x, bg_weight, p: float, q: float):
+        if self.acc is None:
+            self.acc = self.torch.empty_like(x)
+        self.torch.mul(x, p, out=self.acc)
+        self.acc.add_(q).mul_(bg_weight)
+        return self.acc
+
+    def gather(self, x, image, starts: np.ndarray):
+        lay, b = self.layout, len(starts)
+        if b not in self.rows:
+            self.rows[b] = self.torch.empty((b, lay.image_channels + 1, *lay.patch), device=self.device)
+        rows = self.rows[b]
+        for j, (i, *start) in enumerate(starts.tolist()):
+            region = self._region(start)
+            rows[j, lay.noisy_channel] = x[(i, *region)]
+            rows[j, self.image_channels] = image[(slice(None), *region)]
+        return rows
+
+    def engine(self, rows, t: int):
+        self._sync()  # the engine's time starts when the gathers have finished
+        y = self.backend.run_tensor(rows, t)
+        self._sync()
+        return y
+
+    def blend(self, acc, y, starts: np.ndarray, x, a_out: float, a_x: float):
+        peaks = self.torch.empty(len(starts), dtype=self.torch.float64, device=self.device)
+        for j, (i, *start) in enumerate(starts.tolist()):
+            region = (i, *self._region(start))
+            y_j = y[j, self.layout.prediction_channel].float()
+            acc[region] += y_j * self.weight
+            peaks[j] = (a_out * y_j.double() + a_x * x[region].double()).max()
+        return acc, peaks.cpu().numpy()
+
+    def step(self, acc, x, coef: np.ndarray, noise):
+        a_out, a_x, big_a, big_b, big_c, sigma = coef.tolist()
+        m = acc.double() * self.scale
+        xd = x.double()
+        x0 = a_out * m + a_x * xd
+        if self.clip is not None:
+            x0 = x0.clamp(-self.clip, self.clip)
+        nxt = big_a * x0 + big_b * m + big_c * xd
+        if noise is not None:
+            nxt += sigma * noise.double()
+        out = nxt.float()
+        if self.interior is not None:
+            out = self.torch.where(self.interior, out, self.layout.pad_value)
+        x.copy_(out)
+        return x

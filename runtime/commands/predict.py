@@ -52,8 +52,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--device-loop",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="keep x_t on the engine's device across steps (onnxruntime backends; default: on for onnxruntime on a "
-        "GPU)",
+        help="keep x_t on the engine's device across steps (onnxruntime and torch backends; default: on where the "
+        "engine runs on a GPU)",
     )
 
 
