@@ -187,22 +187,38 @@ class _Setup:
 
     def result(self, x_final: np.ndarray, loop_order: str) -> SampleResult:
         probabilities = np.ascontiguousarray(self.sw.crop(x_final))
-        probabilities += 1.0
-        probabilities *= 0.5
-        np.clip(probabilities, 0.0, 1.0, out=probabilities)
-        mean = probabilities.mean(axis=0, dtype=np.float32)
-        var = np.zeros_like(mean)  # population variance, one sample at a time (no [K, *volume] temporaries)
-        diff = np.empty_like(mean)
-        for p in probabilities:
-            np.subtract(p, mean, out=diff)
-            diff *= diff
-            var += diff
-        var *= 1.0 / len(probabilities)
+        mean = np.empty(self.spatial, np.float32)
+        std = np.empty_like(mean)
+        entropy = np.empty_like(mean)
+
+        def summarise(rows: slice) -> None:
+            """Probabilities, mean, population std and entropy of a slab of first-axis rows (the voxels are
+            independent, so slabs go to threads with results that do not depend on the thread count)."""
+            p = probabilities[:, rows]
+            p += 1.0
+            p *= 0.5
+            np.clip(p, 0.0, 1.0, out=p)
+            m = mean[rows]
+            np.mean(p, axis=0, dtype=np.float32, out=m)
+            var = std[rows]  # population variance, one sample at a time (no [K, *slab] temporaries)
+            var.fill(0.0)
+            diff = np.empty_like(m)
+            for sample in p:
+                np.subtract(sample, m, out=diff)
+                diff *= diff
+                var += diff
+            var *= 1.0 / len(p)
+            np.sqrt(var, out=var)
+            entropy[rows] = binary_entropy(m)
+
+        n = self.spatial[0]
+        parts = max(1, min(self.scheduler.threads, n))
+        thread_map(summarise, [slice(n * i // parts, n * (i + 1) // parts) for i in range(parts)], parts)
         result = SampleResult(
             probabilities=probabilities,
             mean=mean,
-            std=np.sqrt(var, out=var),
-            entropy=binary_entropy(mean),
+            std=std,
+            entropy=entropy,
             timesteps=self.pairs,
             windows=self.sw.num_windows,
             windows_skipped=int(self.sw.num_windows - self.ids.size),
