@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
-__all__ = ["ExportError", "ParityResult", "check_graph", "convert_fp16", "export_fp32", "parity"]
+from diffseg.runtime.verify import EngineError, compare_outputs
+
+__all__ = ["ExportError", "check_graph", "convert_fp16", "export_fp32", "parity"]
 
 logger = logging.getLogger("diffseg.export")
 
@@ -149,32 +150,6 @@ def convert_fp16(src: Path, dst: Path) -> Path:
     return dst
 
 
-@dataclass(frozen=True)
-class ParityResult:
-    """‖Δ‖/‖ref‖ of an engine against the PyTorch fp32 model, worst over the inputs tried."""
-
-    name: str
-    rel_error: float
-    max_abs_error: float
-    limit: float
-    finite: bool
-    inputs: int
-
-    @property
-    def passed(self) -> bool:
-        return self.finite and self.rel_error <= self.limit
-
-    def as_dict(self) -> dict:
-        return {
-            "rel_error": self.rel_error,
-            "max_abs_error": self.max_abs_error,
-            "limit": self.limit,
-            "finite": self.finite,
-            "inputs": self.inputs,
-            "passed": self.passed,
-        }
-
-
 def parity(
     name: str,
     model: torch.nn.Module,
@@ -182,18 +157,15 @@ def parity(
     inputs: list[tuple[np.ndarray, np.ndarray]],
     limit: float,
     session_factory: Callable | None = None,
-) -> ParityResult:
+) -> EngineError:
     """Compare an ONNX file (onnxruntime CPU) with the torch model on the given (x, t) inputs."""
     import onnxruntime as ort
 
     sess = (session_factory or (lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])))(onnx_path)
-    worst_rel, worst_abs, finite = 0.0, 0.0, True
     model = model.eval()
+    pairs = []
     for x, t in inputs:
         with torch.no_grad():
             ref = model(torch.from_numpy(x), torch.from_numpy(t)).numpy()
-        out = sess.run(["y"], {"x": x, "t": t})[0]
-        finite = finite and bool(np.isfinite(out).all())
-        rel = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-12))
-        worst_rel, worst_abs = max(worst_rel, rel), max(worst_abs, float(np.abs(out - ref).max()))
-    return ParityResult(name, worst_rel, worst_abs, limit, finite, len(inputs))
+        pairs.append((sess.run(["y"], {"x": x, "t": t})[0], ref))
+    return compare_outputs(name, pairs, limit)

@@ -20,8 +20,9 @@ import torch
 
 from diffseg import __version__
 from diffseg.runtime.manifest import SCHEMA_VERSION, load_package, parse_manifest, sha256_of
+from diffseg.runtime.verify import EngineError
 
-from .onnx_export import ExportError, ParityResult, check_graph, convert_fp16, export_fp32, parity
+from .onnx_export import ExportError, check_graph, convert_fp16, export_fp32, parity
 
 __all__ = ["DEFAULT_SAMPLING", "build_package", "parity_inputs"]
 
@@ -127,7 +128,7 @@ def build_package(
         fp16 = convert_fp16(fp32, staging / "denoiser.fp16.onnx")
         check_graph(fp16, in_channels, patch)
         inputs = parity_inputs(in_channels, patch, int(diffusion["num_train_timesteps"]), patches)
-        results: list[ParityResult] = [
+        results: list[EngineError] = [
             parity("onnx_fp32_vs_torch_fp32", model, fp32, inputs, FP32_LIMIT),
             parity("onnx_fp16_vs_torch_fp32", model, fp16, inputs, FP16_LIMIT),
         ]

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     result = verify_backend(backend, package)
     verdict = "ok" if result.passed else "FAILED"
     print(
-        f"verify {result.backend} {result.precision} vs onnxruntime fp32: relative error {result.rel_error:.2e} "
+        f"verify {result.name} vs onnxruntime fp32: relative error {result.rel_error:.2e} "
         f"(limit {result.limit:.0e}), max abs {result.max_abs_error:.2e}, finite {result.finite}: {verdict}"
     )
     return 0 if result.passed else 1
