@@ -362,6 +362,34 @@ def run_components(b: Bench, parts: set[str], threads: int) -> None:
 # ------------------------------------------------------------------------------------------------ report
 
 
+def run_step(b: Bench, parts: set[str], threads: int) -> None:
+    """One DDIM step over the sampler volume of the 512×512×300 case (5 samples × 302×103×183 on the model grid):
+    ours (one pass, double per element) against diffusers' DDIMScheduler.step in torch float32."""
+    if "ddim_step" not in parts:
+        return
+    import torch
+    from diffusers import DDIMScheduler
+
+    from diffseg.runtime.scheduler import SamplerOptions, Scheduler, SchedulerConfig
+
+    shape = (5, 302, 103, 183)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    out = rng.standard_normal(shape, dtype=np.float32)
+    t, t_prev = 555, 444  # diffusers pairs t with t − T // steps: 1000 // 9 = 111
+    print(f"== ddim_step: {shape}, x0-prediction, clipped, t {t} -> {t_prev}", flush=True)
+    config = SchedulerConfig(prediction_type="sample", clip_sample=True, beta_dtype="float32")
+    ours = Scheduler(config, SamplerOptions(eta=0.0, eps_convention="raw", threads=threads))
+    x_prev = np.empty_like(x)
+    b.time("ddim_step", "diffseg Scheduler.step", lambda: ours.step(out, x, t, t_prev, out=(x_prev, None)), ours=True)
+    ref = DDIMScheduler(beta_schedule="linear", prediction_type="sample", clip_sample=True, set_alpha_to_one=True)
+    ref.set_timesteps(9)
+    out_t, x_t = torch.from_numpy(out), torch.from_numpy(x)
+    want = b.time("ddim_step", "diffusers DDIMScheduler.step (torch)", lambda: ref.step(out_t, t, x_t, eta=0.0))
+    want = want.prev_sample.numpy()
+    b.checks["ddim_step_max_rel_error_vs_diffusers"] = float(np.abs(x_prev - want).max() / np.abs(want).max())
+
+
 def machine() -> dict:
     info = {
         "python": sys.version.split()[0],
@@ -469,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         "cc6_dense",
         "dust_sparse",
         "stats_sparse",
+        "ddim_step",
     ]
     parts = set(args.only.split(",")) if args.only else set(all_cases)
     unknown = parts - set(all_cases)
@@ -490,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     run_resample(bench, parts, args.threads)
     run_components(bench, parts, args.threads)
+    run_step(bench, parts, args.threads)
     speedups = summarise(bench.rows)
     targets = []
     for case, (peer, target) in TARGETS.items():
