@@ -305,6 +305,10 @@ def sample_step_major(
     noise = np.zeros_like(x) if noisy else x[:0]
     noise_view = noise[(slice(None), *sw.interior)] if sw.needs_padding and noisy else noise
     skip_weight = sw.weight_sum_of(~s.active) if s.ids.size < sw.num_windows else None
+    margin = None
+    if sw.needs_padding:
+        margin = np.ones(sw.padded_shape, bool)
+        margin[sw.interior] = False
     # Work on the global arrays is split by sample: sample i's accumulator is only ever touched by one thread at a
     # time, and each voxel is summed in the same order whatever the thread count (bit-identical results).
     products = [np.empty(patch, np.float32) for _ in range(k)]
@@ -370,10 +374,8 @@ def sample_step_major(
             else:
                 s.rng.standard_normal(dtype=np.float32, out=noise)
         s.scheduler.step(acc, x, t, t_prev, noise=z, variance_output=acc_var, scale=sw.inv_weight_sum, out=(x, None))
-        if sw.needs_padding:  # the padded margin of x_t stays pad_value, as MONAI pads each pass's input
-            inner = x[(slice(None), *sw.interior)].copy()
-            x.fill(wopt.pad_value)
-            x[(slice(None), *sw.interior)] = inner
+        if margin is not None:  # the padded margin of x_t stays pad_value, as MONAI pads each pass's input
+            np.copyto(x, np.float32(wopt.pad_value), where=margin)
         if watch and (streak[live] >= patience).any():
             keep = [task for task in live if streak[task] < patience]
             for task in live:

@@ -172,9 +172,8 @@ class Segmenter:
         if wanted and not able:
             self.backend.close()
             raise ValueError(
-                f"device_loop needs a backend that has one (onnxruntime, torch), the step-major loop and no learned "
-                f"variance; "
-                f"got backend {self.backend.name!r}, loop {self.loop_order}"
+                "device_loop needs a backend that has one (onnxruntime, torch), the step-major loop and no learned "
+                f"variance; got backend {self.backend.name!r}, loop {self.loop_order}"
             )
         return bool(wanted)
 
