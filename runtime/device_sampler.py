@@ -25,8 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .diffusion_steps import x0_coefficients
-from .sampler import SampleResult, SamplerOptions, WindowOptions, _Setup
+from .sampler import Retirement, SampleResult, SamplerOptions, WindowOptions, _Setup
 from .scheduler import SchedulerConfig
 from .sliding_window import SlidingWindow
 from .step_graphs import background_graph, blend_graph, gather_graph, step_graph
@@ -277,18 +276,16 @@ def sample_step_major_on_device(
     tasks = [(int(w), i) for w in s.ids for i in range(k)]
     starts = np.array([(i, *sw.starts[w]) for w, i in tasks], np.int64).reshape(-1, 4)
     live = list(range(len(tasks)))
-    streak = np.zeros(len(tasks), np.int32)
-    patience = wopt.retire_after
-    x0_level = 2.0 * wopt.retire_level - 1.0
+    retirement = Retirement(len(tasks), wopt, len(s.pairs))
     retired = 0
     pairs = s.pairs.tolist()
     noisy = [s.scheduler.needs_noise(t, t_prev) for t, t_prev in pairs]
     noise_host = np.zeros(layout.full, np.float32) if any(noisy) else None
     for step, (t, t_prev) in enumerate(pairs):
-        watch = patience > 0 and step < len(pairs) - 1
+        watch = retirement.watching(step)
+        coef = s.scheduler.step_coefficients(t, t_prev)
         c_x, c_0 = s.scheduler.output_coefficients(t)
         acc = ops.background(x, bg_weight_v, c_x, -c_0)  # output_for_x0(−1) = c_x·x_t − c_0
-        a_out, a_x = x0_coefficients(float(s.scheduler.alphas_cumprod[t]), config.prediction_type)
         for first in range(0, len(live), wopt.batch_size):
             batch = live[first : first + wopt.batch_size]
             rows = ops.gather(x, image_v, starts[batch])
@@ -299,22 +296,22 @@ def sample_step_major_on_device(
             s.engine.forwards += len(batch)
             if on_call is not None:
                 on_call(s.engine.calls)
-            acc, peaks = ops.blend(acc, y, starts[batch], x, a_out, a_x)
+            acc, peaks = ops.blend(acc, y, starts[batch], x, coef["a_out"], coef["a_x"])
             if watch:
-                for task, value in zip(batch, peaks, strict=True):
-                    streak[task] = streak[task] + 1 if value <= x0_level else 0
+                for task, peak in zip(batch, peaks, strict=True):
+                    retirement.observe(task, peak)
         noise = None
         if noisy[step]:  # the host loop's draw 2, in its order, placed in the padded grid
             noise_host[(slice(None), *sw.interior)] = s.rng.standard_normal((k, *s.spatial), dtype=np.float32)
             noise = ops.upload(noise_host)
-        x = ops.step(acc, x, step_vector(s.scheduler.step_coefficients(t, t_prev)), noise)
-        if watch and (streak[live] >= patience).any():
-            for task in live:
-                if streak[task] >= patience:
-                    w, i = tasks[task]
-                    bg_weight[(i, *sw.slices[w])] += sw.weight
-                    retired += 1
-            live = [task for task in live if streak[task] < patience]
+        x = ops.step(acc, x, step_vector(coef), noise)
+        keep, retiring = retirement.split(live) if watch else (live, [])
+        if retiring:
+            for task in retiring:
+                w, i = tasks[task]
+                bg_weight[(i, *sw.slices[w])] += sw.weight
+            retired += len(retiring)
+            live = keep
             bg_weight_v = ops.upload(bg_weight)
     s.retired = retired
     return s.result(ops.download(x), "step_major")

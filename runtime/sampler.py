@@ -44,6 +44,7 @@ from .sliding_window import SlidingWindow, WindowOptions
 
 __all__ = [
     "LOOP_ORDERS",
+    "Retirement",
     "SampleResult",
     "SamplerOptions",
     "WindowOptions",
@@ -116,6 +117,30 @@ def binary_entropy(p: np.ndarray) -> np.ndarray:
     np.add(h, q, out=h, where=inner)
     np.negative(h, out=h, where=inner)
     return h
+
+
+class Retirement:
+    """The retirement rule of the step-major loops (``WindowOptions.retire_after``), shared by the host and device
+    loops: a task (window, sample) retires once its peak predicted x0 has been at most the background level
+    (2·retire_level − 1) for ``retire_after`` consecutive watched steps."""
+
+    def __init__(self, tasks: int, options: WindowOptions, steps: int) -> None:
+        self.streak = np.zeros(tasks, np.int32)
+        self.patience = options.retire_after
+        self.level = np.float32(2.0 * options.retire_level - 1.0)
+        self.steps = steps
+
+    def watching(self, step: int) -> bool:
+        """Worth watching only while a later step could skip the engine for the task."""
+        return self.patience > 0 and step < self.steps - 1
+
+    def observe(self, task: int, peak: float) -> None:
+        self.streak[task] = self.streak[task] + 1 if peak <= self.level else 0
+
+    def split(self, live: list[int]) -> tuple[list[int], list[int]]:
+        """(tasks that keep running, tasks that retire now), each in ``live`` 's order."""
+        due = self.streak[live] >= self.patience
+        return [t for t, d in zip(live, due, strict=True) if not d], [t for t, d in zip(live, due, strict=True) if d]
 
 
 class _Engine:
@@ -293,12 +318,12 @@ def sample_step_major(
         thread_map(fill_image, range(len(tasks)), threads)
     live = list(range(len(tasks)))  # task ids in row order
     retired: list[list[int]] = [[] for _ in range(k)]  # per sample: its retired windows
-    streak = np.zeros(len(tasks), np.int32)  # consecutive steps each task predicted background everywhere
-    patience = wopt.retire_after
-    x0_level = np.float32(2.0 * wopt.retire_level - 1.0)
+    retirement = Retirement(len(tasks), wopt, len(s.pairs))
     direct_x0 = config.prediction_type == "sample"
     if logger.isEnabledFor(logging.DEBUG):
-        logger.debug("step-major: %r, %d tasks, inputs cached: %s, retire after %d", sw, len(tasks), cached, patience)
+        logger.debug(
+            "step-major: %r, %d tasks, inputs cached: %s, retire after %d", sw, len(tasks), cached, wopt.retire_after
+        )
     acc = np.empty_like(x)  # Σ weight·prediction over windows; the step divides by Σ weight itself
     acc_var = np.empty_like(x) if s.var is not None else None
     noisy = any(s.scheduler.needs_noise(t, t_prev) for t, t_prev in s.pairs.tolist())
@@ -343,19 +368,18 @@ def sample_step_major(
             if sample != i:
                 continue
             if watch:
-                if direct_x0:  # the output is x0; clipping to [-1, 1] cannot move its max across x0_level
+                if direct_x0:  # the output is x0; clipping to [-1, 1] cannot move its max across the level
                     peak = y[j, s.pred].max()
                 else:
                     peak = s.scheduler.x0_for_output(y[j, s.pred], x[(i, *sw.slices[w])], t, out=products[i]).max()
-                streak[task] = streak[task] + 1 if peak <= x0_level else 0
+                retirement.observe(task, peak)
             for channel, target in ((s.pred, acc), (s.var, acc_var)):
                 if target is not None:
                     np.multiply(y[j, channel], sw.weight, out=products[i])
                     target[(i, *sw.slices[w])] += products[i]
 
     for step, (t, t_prev) in enumerate(s.pairs.tolist()):
-        # Retirement is only worth watching while a later step could skip the engine for the task.
-        watch = patience > 0 and step < len(s.pairs) - 1
+        watch = retirement.watching(step)
         thread_map(lambda i, t=t: reset(i, t), range(k), threads)
         for b in range(0, len(live), wopt.batch_size):
             batch = live[b : b + wopt.batch_size]
@@ -376,11 +400,10 @@ def sample_step_major(
         s.scheduler.step(acc, x, t, t_prev, noise=z, variance_output=acc_var, scale=sw.inv_weight_sum, out=(x, None))
         if margin is not None:  # the padded margin of x_t stays pad_value, as MONAI pads each pass's input
             np.copyto(x, np.float32(wopt.pad_value), where=margin)
-        if watch and (streak[live] >= patience).any():
-            keep = [task for task in live if streak[task] < patience]
-            for task in live:
-                if streak[task] >= patience:
-                    retired[tasks[task][1]].append(tasks[task][0])
+        keep, retiring = retirement.split(live) if watch else (live, [])
+        if retiring:
+            for task in retiring:
+                retired[tasks[task][1]].append(tasks[task][0])
             if cached:  # squeeze retired rows out, in order (a row only ever moves to a lower index)
                 row_of = {task: row for row, task in enumerate(live)}
                 for new_row, task in enumerate(keep):
