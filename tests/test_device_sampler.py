@@ -48,7 +48,9 @@ def _ops(backend, k: int, padded: tuple[int, ...], patch: tuple[int, ...]) -> Or
 
 
 def _run(dev: OrtDeviceOps, model, inputs: dict[str, np.ndarray], outputs: dict[str, tuple]) -> dict[str, np.ndarray]:
-    session = dev.session(id(model), lambda: model)
+    # Keyed by content: id(model) can be reused once an earlier graph is freed, which handed a later graph the
+    # earlier graph's cached session.
+    session = dev.session(model.SerializeToString(), lambda: model)
     bound = {name: dev.empty(shape, dtype) for name, (shape, dtype) in outputs.items()}
     dev.run(session, {k: dev.upload(v) for k, v in inputs.items()}, bound)
     return {name: v.numpy() for name, v in bound.items()}
