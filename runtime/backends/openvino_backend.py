@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from .base import Backend, BackendUnavailableError
-from .openvino_graph import split_narrow_convolutions
+from .openvino_graph import split_narrow_convolutions as split_narrow
 
 __all__ = ["OpenVinoBackend"]
 
@@ -41,13 +41,16 @@ class OpenVinoBackend(Backend):
                 return f"this CPU has no native bf16 (OpenVINO capabilities: {list(caps)})"
         return None
 
-    def __init__(self, package, precision: str, threads: int | None = None) -> None:
+    def __init__(
+        self, package, precision: str, threads: int | None = None, split_narrow_convolutions: bool = True
+    ) -> None:
+        """``split_narrow_convolutions=False``: compile the model as read (benchmarks/openvino_graph.py compares)."""
         super().__init__(package, precision, threads)
         import openvino as ov
 
         self.core = ov.Core()
         model = self.core.read_model(str(package.engine("fp32").path))
-        self.rewritten = split_narrow_convolutions(model)
+        self.rewritten = split_narrow(model) if split_narrow_convolutions else 0
         self._model = model
         # One patch per request, several requests in flight: on a CPU, OpenVINO's throughput streams (each a few
         # cores on its own request) beat one multi-threaded batch (measured on 2 cores: 56 vs 68 ms per patch at
