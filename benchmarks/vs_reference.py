@@ -274,12 +274,17 @@ def main() -> int:
         "loops": {"diffseg": list(ours), "reference": list(refs)},
         "cases": rows,
     }
-    doc["comparisons"] = compare(doc)
-    doc["summary"] = doc["comparisons"][0]
+    add_comparisons(doc)
     json_path, md_path = write_results(args.name, doc, render(doc, command_line()))
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
     return 0
+
+
+def add_comparisons(doc: dict) -> None:
+    """Set ``comparisons`` (each reference loop against each diffseg mode) and ``summary`` (the first: the headline)."""
+    doc["comparisons"] = compare(doc)
+    doc["summary"] = doc["comparisons"][0]
 
 
 def compare(doc: dict) -> list[dict]:
@@ -391,8 +396,7 @@ def rerender(path: Path) -> int:
     from diffseg.runtime.atomic import write_json_atomic, write_text_atomic
 
     doc = json.loads(path.read_text())
-    doc["comparisons"] = compare(doc)
-    doc["summary"] = doc["comparisons"][0]
+    add_comparisons(doc)
     md = render(doc, doc["command"])
     write_json_atomic(path, doc)
     write_text_atomic(path.with_suffix(".md"), md.rstrip() + "\n")
