@@ -83,30 +83,20 @@ def torch_model(package):
 
 
 def model_input(ct, pet, manifest):
-    """The normalised image channels on the model grid, cropped to the body box, exactly as ``Segmenter`` makes
-    them (same functions, same order): returns ``(image [C, z, y, x] float32, grid, box)``."""
-    from diffseg.runtime.preprocess import model_grid_for, normalise, resample_to
-    from diffseg.runtime.segmenter import body_box
+    """The model input exactly as the pipeline makes it (``prepare_input``: model grid, body box, normalisation):
+    returns ``(image [C, z, y, x] float32, grid, box)``."""
+    from diffseg.runtime.preprocess import prepare_input
 
-    grid = model_grid_for(ct, manifest.spacing_mm)
-    sources = {"CT": ct, "PT": pet}
-    norms = manifest.normalisation
-    raw = {c: resample_to(sources[c], grid, "linear", default=norms[c].low).array for c in manifest.modalities}
-    box = body_box(raw["CT"])
-    image = np.stack([normalise(raw[c][box], norms[c]) for c in manifest.modalities]).astype(np.float32)
-    return image, grid, box
+    prepared = prepare_input({"CT": ct, "PT": pet}, manifest.modalities, manifest.normalisation, manifest.spacing_mm)
+    return prepared.image, prepared.grid, prepared.box
 
 
 def on_ct_grid(probability, grid, box, ct, pet, post_options):
     """A model-grid probability (cropped to ``box``) back onto the CT's grid, thresholded and cleaned by diffseg's
     postprocessing: returns the ``Postprocessed`` result (mask, labels, lesions)."""
-    from diffseg.runtime.kernels import GridSpec
     from diffseg.runtime.postprocess import postprocess
-    from diffseg.runtime.preprocess import resample_to
-    from diffseg.runtime.volume import Volume
+    from diffseg.runtime.preprocess import ModelInput, resample_to
 
-    full = np.zeros(grid.shape, np.float32)
-    full[box] = probability
-    ct_grid = GridSpec.of(ct)
-    prob = resample_to(Volume(full, grid.spacing, grid.origin, grid.direction), ct_grid, "linear")
+    ct_grid = ct.grid
+    prob = resample_to(ModelInput(probability[None], grid, box, None).uncrop(probability), ct_grid, "linear")
     return postprocess(prob, resample_to(pet, ct_grid, "linear", default=0.0), post_options)

@@ -29,22 +29,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def reference_probability(
     model, case, manifest, seed: int, steps: int, samples: int, device: str = "cpu"
 ) -> np.ndarray:
-    """Mean probability of the PyTorch reference loop, on the CT grid.
-
-    Resampling uses the export side's numpy interpolation for axis-aligned grids (equal to SimpleITK's linear
-    resampling, see tests), so this path needs only numpy and torch: it also runs on a bare GPU machine.
-    """
-    from diffseg.export.data import axis_aligned_linear
+    """Mean probability of the PyTorch reference loop, on the CT grid (the runtime's preparation of the input, on
+    the whole model grid, as the research loop runs it)."""
     from diffseg.export.reference import ReferenceSettings, reference_sample
-    from diffseg.runtime.kernels import GridSpec
-    from diffseg.runtime.preprocess import model_grid_for, normalise
-    from diffseg.runtime.volume import Volume
+    from diffseg.runtime.preprocess import prepare_input, resample_to
 
-    grid = model_grid_for(case.ct, manifest.spacing_mm)
-    channels = []
-    for code in manifest.modalities:
-        arr = axis_aligned_linear({"CT": case.ct, "PT": case.pet}[code], grid, manifest.normalisation[code].low)
-        channels.append(normalise(arr, manifest.normalisation[code]))
+    volumes = {"CT": case.ct, "PT": case.pet}
+    model_input = prepare_input(
+        volumes, manifest.modalities, manifest.normalisation, manifest.spacing_mm, crop_to_body=False
+    )
     d = manifest.defaults
     settings = ReferenceSettings(
         steps=steps,
@@ -55,10 +48,9 @@ def reference_probability(
         batch_size=2 * samples,
     )
     prob = reference_sample(
-        model.to(device), np.stack(channels), tuple(manifest.patch_size), settings, seed=seed, device=device
+        model.to(device), model_input.image, tuple(manifest.patch_size), settings, seed=seed, device=device
     ).mean(0)
-    ct_grid = GridSpec(case.ct.size_xyz, case.ct.spacing, case.ct.origin, case.ct.direction)
-    return axis_aligned_linear(Volume(prob.astype(np.float32), grid.spacing, grid.origin, grid.direction), ct_grid, 0.0)
+    return resample_to(model_input.uncrop(prob.astype(np.float32)), case.ct.grid, "linear").array
 
 
 def main() -> int:

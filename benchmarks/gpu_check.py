@@ -144,7 +144,7 @@ def main() -> int:
     from diffseg.runtime.bench import count_flops, measure_peak_gflops, time_calls
     from diffseg.runtime.manifest import load_package
     from diffseg.runtime.phantom import make_phantom
-    from diffseg.runtime.sampler import sample_step_major
+    from diffseg.runtime.sampling import sample_step_major
     from diffseg.runtime.segmenter import Segmenter
 
     cuda = torch.cuda.is_available()
@@ -213,7 +213,7 @@ def main() -> int:
     over = {"steps": args.steps, "samples": args.samples}
     seg = Segmenter("default", backend="torch", precision="fp16", **over) if cuda else None
     ref_seg = seg or Segmenter("default", backend="torch", precision="fp32", **over)
-    config, options, wopt = ref_seg.scheduler_config, ref_seg.sampler_options, ref_seg.window_options
+    config, options, wopt = ref_seg.scheduler_config, ref_seg.options.sampler, ref_seg.options.window
     doc["sampler"] = {"steps": options.steps, "samples": options.num_samples, "batch": wopt.batch_size}
 
     engines: list[tuple[str, object]] = [("torch fp32 (eager, TF32 off)", TorchFp32Cuda(package, device))]
@@ -287,9 +287,9 @@ def main() -> int:
                 "dice_vs_truth": dice(mask, truth),
             }
             if getattr(engine, "device_loop", False):  # onnxruntime: x_t kept on the GPU across steps
-                from diffseg.runtime.device_sampler import sample_step_major_on_device
-
-                on_device = sample_step_major_on_device(image, engine, config, options, wopt, candidate=candidate)
+                on_device = sample_step_major(
+                    image, None, config, options, wopt, candidate=candidate, device_ops=engine.device_ops
+                )
                 row["sample_device_loop"] = {
                     "seconds": on_device.total_seconds,
                     "engine_seconds": on_device.engine_seconds,

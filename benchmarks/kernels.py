@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from diffseg.runtime.components import component_stats, connected_components, label_components, remove_small_components
-from diffseg.runtime.kernels import GridSpec
 from diffseg.runtime.resample import resample_array
+from diffseg.runtime.volume import GridSpec
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PREFAULT_BYTES = 2 << 30
@@ -370,7 +370,8 @@ def run_step(b: Bench, parts: set[str], threads: int) -> None:
     import torch
     from diffusers import DDIMScheduler
 
-    from diffseg.runtime.scheduler import SamplerOptions, Scheduler, SchedulerConfig
+    from diffseg.runtime.diffusion_schedule import SamplerOptions, SchedulerConfig
+    from diffseg.runtime.scheduler import Scheduler
 
     shape = (5, 302, 103, 183)
     rng = np.random.default_rng(3)

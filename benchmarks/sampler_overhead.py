@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from diffseg.runtime.sampler import LOOP_ORDERS, SamplerOptions, WindowOptions
-from diffseg.runtime.scheduler import SchedulerConfig
+from diffseg.runtime.diffusion_schedule import SchedulerConfig
+from diffseg.runtime.sampling import LOOP_ORDERS, SamplerOptions, WindowOptions
 
 # (name, volume, patch, samples, steps, batch): 144 mm HECKTOR box at 1 mm with 96³ windows (8 windows), and at 2 mm
 # with the default package's 64³ windows (8 windows)

@@ -1,7 +1,7 @@
 """How end-to-end time and peak memory grow with volume size, steps, samples and batch size.
 
 Every measured run is a fresh process that does exactly what ``diffseg predict --ct CT --pet PET -o OUT`` does
-(``segment_case``: read the NIfTI files, segment, write every output), with the engine calls timed; its peak resident
+(``segment_files``: read the NIfTI files, segment, write every output), with the engine calls timed; its peak resident
 memory (``wait4``'s ``ru_maxrss``) is that case's alone. The phantoms are generated beforehand in other processes.
 The auto backend imports torch to see whether the torch backend is available (about 0.2 GB of the peak RSS).
 
@@ -55,15 +55,14 @@ def phantom_files(size: str, seed: int, work: Path) -> dict[str, str]:
 
 
 def worker(ct: str, pet: str, out: Path, backend: str, steps: int, samples: int, batch: int) -> None:
-    """The measured process: exactly ``diffseg predict``'s flow (``segment_case``: read, segment, write), with the
-    engine calls timed; prints one JSON line."""
+    """The measured process: exactly ``diffseg predict``'s flow (``segment_files``: read, segment, write), with the
+    engine figures the sampler records itself; prints one JSON line."""
     import time
 
     import psutil
 
     from diffseg.runtime.bench.runner import step_seconds
-    from diffseg.runtime.cases import Case
-    from diffseg.runtime.commands.predict import segment_case
+    from diffseg.runtime.pipeline import segment_files
     from diffseg.runtime.segmenter import Segmenter
 
     rss: list[tuple[float, int]] = []  # (time, resident bytes) every 10 ms: the peak of each stage
@@ -79,18 +78,9 @@ def worker(ct: str, pet: str, out: Path, backend: str, steps: int, samples: int,
     poller.start()
     t_load = time.perf_counter()
     segmenter = Segmenter("default", backend=backend, steps=steps, samples=samples, batch_size=batch)
-    calls: list[tuple[float, float, int, float]] = []
-    inner = segmenter.backend.run
-
-    def timed(x, t):
-        start = time.perf_counter()
-        y = inner(x, t)
-        calls.append((start, time.perf_counter(), x.shape[0], float(t[0])))
-        return y
-
-    segmenter.backend.run = timed
     t_case = time.perf_counter()
-    report = segment_case(segmenter, Case("case", Path(ct), Path(pet)), out, False, "case")
+    case = segment_files(segmenter, Path(ct), Path(pet), out)
+    report, calls = case.report, case.result.engine_log
     stop.set()
     poller.join()
     bounds = {"load": (t_load, t_case)}
@@ -106,8 +96,8 @@ def worker(ct: str, pet: str, out: Path, backend: str, steps: int, samples: int,
         "windows": report["windows"],
         "windows_skipped": report["windows_skipped"],
         "retired": report["retired"],
-        "engine_s": sum(call[1] - call[0] for call in calls),
-        "patch_forwards": sum(call[2] for call in calls),
+        "engine_s": case.result.counts.engine_seconds,
+        "patch_forwards": case.result.counts.patch_forwards,
         "step_s": per_step["p50"] if per_step else None,
         "stage_peak_rss_bytes": stage_peaks,
     }

@@ -135,13 +135,13 @@ def run_diffseg(segmenter, case, seed: int) -> dict:
     result = segmenter.predict(case.ct, case.pet, seed=seed)
     total = time.perf_counter() - start
     return {
-        "timings_s": result.timings,
+        "timings_s": dict(result.timings),
         "total_s": total,
-        "windows": result.windows,
-        "windows_skipped": result.windows_skipped,
-        "retired": result.retired,
+        "windows": result.counts.windows,
+        "windows_skipped": result.counts.windows_skipped,
+        "retired": result.counts.retired,
         "seed": seed,
-        "patch_forwards": result.patch_forwards,
+        "patch_forwards": result.counts.patch_forwards,
         "dice": dice(result.mask.array, case.mask.array),
         "lesions": len(result.lesions),
     }
@@ -154,7 +154,7 @@ def warm_up(segmenters: dict, model, package, ref_batch: int) -> None:
 
     m = package.manifest
     for seg in segmenters.values():
-        for batch in {seg.window_options.batch_size, 1}:
+        for batch in {seg.options.window.batch_size, 1}:
             x = np.zeros((batch, m.in_channels, *m.patch_size), np.float32)
             seg.backend.run(x, np.full(batch, 500.0, np.float32))
     with torch.no_grad():
@@ -216,7 +216,7 @@ def main() -> int:
     t0 = time.perf_counter()
     model = torch_model(package)
     reference_load = time.perf_counter() - t0
-    steps, samples = segmenter.sampler_options.steps, segmenter.sampler_options.num_samples
+    steps, samples = segmenter.options.sampler.steps, segmenter.options.sampler.num_samples
     settings = segmenter.settings()
     ours = {"diffseg": segmenter, "diffseg exact": exact}
     refs = {f"reference overlap {o:g}": o for o in args.ref_overlap}
@@ -245,7 +245,7 @@ def main() -> int:
             }
         for name, overlap in refs.items():
             row["runs"][name] = run_reference(
-                model, case, package, steps, samples, overlap, args.ref_sw_batch, seed, segmenter.post_options
+                model, case, package, steps, samples, overlap, args.ref_sw_batch, seed, segmenter.options.postprocess
             )
         row["load_after"] = load_average()
         for name, r in row["runs"].items():

@@ -1,10 +1,8 @@
 """Training data: phantoms on the model grid, and patch sampling with foreground oversampling.
 
-Phantom grids are axis-aligned (possibly flipped), so resampling them onto the model grid is separable: the
-linear interpolation here is SimpleITK's (voxel centres, default value outside the source) done one axis at a time
-in numpy, which keeps training free of SimpleITK and of the compiled extension (it also runs on a bare GPU box).
-The grid definition (``model_grid_for``) and the normalisation are the runtime's own, so training and inference see
-the same inputs.
+A phantom goes onto the model grid through the runtime's own :func:`~diffseg.runtime.preprocess.prepare_input`
+(model grid, physical-space resampling by ``diffseg._ext``, normalisation), so training and inference see the same
+inputs; only the body crop is left out, since the patch sampler picks the training patches itself.
 """
 
 from __future__ import annotations
@@ -14,47 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffseg.runtime.kernels import GridSpec
 from diffseg.runtime.phantom import Phantom, PhantomOptions, make_phantom
-from diffseg.runtime.preprocess import Normalisation, model_grid_for, normalise
-from diffseg.runtime.volume import Volume
+from diffseg.runtime.preprocess import Normalisation, prepare_input, resample_to
+from diffseg.runtime.volume import GridSpec
 
-__all__ = ["Case", "PatchSampler", "axis_aligned_linear", "phantom_case"]
-
-
-def axis_aligned_linear(volume: Volume, grid: GridSpec, default: float) -> np.ndarray:
-    """Linear resampling between axis-aligned grids (diagonal ±1 directions), float32 out.
-
-    Target points whose continuous source index lies outside [−0.5, n − 0.5) on any axis take ``default``; inside
-    that range neighbours are clamped to the buffer, as in ITK's ``LinearInterpolateImageFunction``.
-    """
-    src_dir = np.diag(volume.direction_matrix)
-    dst_dir = np.diag(np.asarray(grid.direction, dtype=np.float64).reshape(3, 3))
-    off_src = volume.direction_matrix - np.diag(src_dir)
-    off_dst = np.asarray(grid.direction, dtype=np.float64).reshape(3, 3) - np.diag(dst_dir)
-    if np.abs(off_src).max() > 1e-6 or np.abs(off_dst).max() > 1e-6:
-        raise ValueError("axis_aligned_linear needs axis-aligned grids (diagonal directions)")
-    out = volume.array.astype(np.float32)
-    valid = None
-    # numpy axis order is (z, y, x); physical axis a = 2 - numpy axis.
-    for np_axis in range(3):
-        a = 2 - np_axis
-        n_dst = grid.size_xyz[a]
-        phys = grid.origin[a] + dst_dir[a] * grid.spacing[a] * np.arange(n_dst)
-        cont = (phys - volume.origin[a]) / (src_dir[a] * volume.spacing[a])
-        n_src = volume.size_xyz[a]
-        inside = (cont >= -0.5) & (cont < n_src - 0.5)  # ITK's buffer test; clamped neighbours near the edge
-        c = np.clip(cont, 0, n_src - 1)
-        i0 = np.minimum(np.floor(c).astype(np.int64), max(n_src - 2, 0))
-        w = (c - i0).astype(np.float32)
-        i1 = np.minimum(i0 + 1, n_src - 1)
-        shape = [1, 1, 1]
-        shape[np_axis] = n_dst
-        w = w.reshape(shape)
-        out = np.take(out, i0, axis=np_axis) * (1 - w) + np.take(out, i1, axis=np_axis) * w
-        ins = inside.reshape(shape)
-        valid = ins if valid is None else valid & ins
-    return np.where(valid, out, np.float32(default)).astype(np.float32)
+__all__ = ["Case", "PatchSampler", "phantom_case"]
 
 
 @dataclass
@@ -77,16 +39,12 @@ def phantom_case(
     options: PhantomOptions | None = None,
 ) -> Case:
     ph = make_phantom(seed, options)
-    grid = model_grid_for(ph.ct, spacing_mm)
-    vols = {"CT": ph.ct, "PT": ph.pet}
-    image = np.empty((len(modalities), *grid.shape), dtype=np.float32)
-    for c, m in enumerate(modalities):
-        arr = axis_aligned_linear(vols[m], grid, norms[m].low)
-        normalise(arr, norms[m], out=image[c])
+    # The runtime's own preparation, on the whole model grid (the patch sampler crops the training patches).
+    model_input = prepare_input({"CT": ph.ct, "PT": ph.pet}, modalities, norms, spacing_mm, crop_to_body=False)
     # Mask on the model grid: the fraction of tumour by linear interpolation, thresholded at one half.
-    frac = axis_aligned_linear(ph.mask, grid, 0.0)
-    mask = (frac >= 0.5).astype(np.uint8)
-    return Case(seed, image, mask, grid, ph if keep_phantom else None)
+    fraction = resample_to(ph.mask.with_array(ph.mask.array.astype(np.float32)), model_input.grid, "linear")
+    mask = (fraction.array >= 0.5).astype(np.uint8)
+    return Case(seed, model_input.image, mask, model_input.grid, ph if keep_phantom else None)
 
 
 class PatchSampler:

@@ -126,8 +126,15 @@ def select_part(cases: list[Case], num_parts: int, part_id: int) -> list[Case]:
     return sorted(cases, key=lambda c: c.case_id)[part_id::num_parts]
 
 
-def load_case(ct: Path, pet: Path | None) -> LoadedCase:
-    """Read a case: two image files, two DICOM series folders, or one DICOM study folder (``pet`` None)."""
+def load_case(ct: Path, pet: Path | None, *, force_units: bool = False) -> LoadedCase:
+    """Read a case: two image files, two DICOM series folders, or one DICOM study folder (``pet`` None).
+
+    Args:
+        ct: CT image file or DICOM series folder, or a DICOM study folder.
+        pet: PET image file or DICOM series folder; None with a study folder.
+        force_units: DICOM: use implausible quantitative attributes of the SUV as written (each is recorded in
+            ``study.overrides``) instead of refusing the case.
+    """
     if pet is not None and ct.is_file() and pet.is_file():
         return LoadedCase(read_volume(ct), read_volume(pet))
     from .dicom import read_pet_ct
@@ -135,9 +142,9 @@ def load_case(ct: Path, pet: Path | None) -> LoadedCase:
     if pet is None:
         if not ct.is_dir():
             raise ValueError(f"{ct}: a single input must be a DICOM study folder holding a CT and a PET series")
-        study = read_pet_ct(ct)
+        study = read_pet_ct(ct, force_units=force_units)
     else:
         if not (ct.is_dir() and pet.is_dir()):
             raise ValueError(f"--ct {ct} and --pet {pet} must both be image files or both DICOM series folders")
-        study = read_pet_ct((ct, pet))
+        study = read_pet_ct((ct, pet), force_units=force_units)
     return LoadedCase(study.ct, study.pet, study)

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .kernels import GridSpec, _is_sitk_image, check_out, extension, threads_arg, volume_array
-from .volume import Volume
+from .native import check_out, extension, threads_arg, volume_array
+from .volume import GridSpec, Volume, _is_sitk_image
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -147,7 +147,7 @@ def _stats_from_raw(raw: dict, grid: GridSpec | None) -> ComponentStats:
     centroid_mm = volume_ml = None
     if grid is not None:
         centroid_mm = grid.physical_points(centroid) if len(centroid) else np.zeros((0, 3))
-        volume_ml = count * (float(np.prod(grid.spacing)) / 1000.0)
+        volume_ml = count * grid.voxel_volume_ml
     mean = None
     if raw["sum"] is not None:
         with np.errstate(invalid="ignore", divide="ignore"):

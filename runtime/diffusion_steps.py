@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["ddim_coefficients", "ddpm_coefficients", "thread_map", "x0_coefficients", "x0_only"]
+__all__ = ["ddim_coefficients", "ddim_sigma", "ddpm_coefficients", "thread_map", "x0_coefficients", "x0_only"]
 
 _EXECUTORS: dict[int, ThreadPoolExecutor] = {}
 
@@ -57,6 +57,11 @@ def x0_coefficients(ab: float, prediction_type: str) -> tuple[float, float]:
     return -sqrt_1m_ab, sqrt_ab
 
 
+def ddim_sigma(ab: float, ab_prev: float, eta: float) -> float:
+    """σ_t(η) of DDIM eq. 16: η·√((1 − ᾱ_prev)/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_prev)."""
+    return eta * math.sqrt(max((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev), 0.0))
+
+
 def _step(a_out: float, a_x: float, clip: float | None, A: float, B: float, C: float) -> dict[str, Any]:
     return {"a_out": a_out, "a_x": a_x, "clip": clip, "A": A, "B": B, "C": C, "noise": "none"}
 
@@ -71,7 +76,7 @@ def ddim_coefficients(
     clipped x0 when ``recompute`` (guided-diffusion) and clipping is on. Writing ε = e_out·m + e_x·x_t + e_0·x0c:
     A = √ᾱ_prev + d·e_0, B = d·e_out, C = d·e_x with d = √(1 − ᾱ_prev − σ²).
     """
-    sigma = eta * math.sqrt(max((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev), 0.0))
+    sigma = ddim_sigma(ab, ab_prev, eta)
     direction = math.sqrt(max(1 - ab_prev - sigma**2, 0.0))
     sqrt_ab, sqrt_1m_ab = math.sqrt(ab), math.sqrt(1 - ab)
     a_out, a_x = x0_coefficients(ab, prediction_type)

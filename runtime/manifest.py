@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .diffusion_schedule import CHANNEL_ORDERS, SamplerOptions, SchedulerConfig
 from .preprocess import Normalisation
 
 __all__ = [
@@ -29,9 +30,21 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2")
-CHANNEL_ORDERS = ("image-first", "noisy-first")
+# The manifest's ``defaults`` keys; the sampler's ones are checked by building ``SamplerOptions`` from them.
+DEFAULTS_KEYS = (
+    "sampler",
+    "steps",
+    "eta",
+    "timestep_spacing",
+    "eps_convention",
+    "samples",
+    "seed",
+    "overlap",
+    "threshold",
+    "min_lesion_ml",
+    "candidate",
+    "retire_after",
+)
 
 
 class ManifestError(ValueError):
@@ -133,28 +146,35 @@ def parse_manifest(doc: Mapping[str, Any], where: str) -> Manifest:
     if len(patch) != 3 or not all(isinstance(p, int) and p > 0 for p in patch):
         raise ManifestError(f"{where}: patch_size must be three positive integers, got {patch}")
     order = _need(doc, "channel_order", where, str)
-    if order not in CHANNEL_ORDERS:
-        raise ManifestError(f"{where}: channel_order must be one of {CHANNEL_ORDERS}, got {order!r}")
+    if order.replace("-", "_") not in CHANNEL_ORDERS:
+        raise ManifestError(f"{where}: channel_order must be one of {CHANNEL_ORDERS} (or with '-'), got {order!r}")
     diff = _need(doc, "diffusion", where, dict)
-    w = f"{where}: diffusion"
-    if _need(diff, "prediction_type", w, str) not in PREDICTION_TYPES:
-        raise ManifestError(f"{w}: prediction_type must be one of {PREDICTION_TYPES}, got {diff['prediction_type']!r}")
-    if _need(diff, "beta_schedule", w, str) not in BETA_SCHEDULES:
-        raise ManifestError(f"{w}: beta_schedule must be one of {BETA_SCHEDULES}, got {diff['beta_schedule']!r}")
-    if _need(diff, "num_train_timesteps", w, int) < 2:
-        raise ManifestError(f"{w}: num_train_timesteps must be >= 2, got {diff['num_train_timesteps']}")
-    out_ch = _need(diff, "output_channels", w, int)
-    if out_ch not in (1, 2) or _need(diff, "prediction_channel", w, int) not in range(out_ch):
-        raise ManifestError(
-            f"{w}: output_channels must be 1 or 2 and prediction_channel one of them, got "
-            f"{out_ch} and {diff.get('prediction_channel')}"
-        )
+    try:  # the scheduler's own check: one source of truth for keys, enums and ranges
+        SchedulerConfig.from_dict(diff)
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"{where}: diffusion: {exc}") from None
     defaults = _need(doc, "defaults", where, dict)
+    w = f"{where}: defaults"
+    unknown = sorted(set(defaults) - set(DEFAULTS_KEYS))
+    if unknown:
+        raise ManifestError(f"{w}: unknown keys {unknown}; allowed: {list(DEFAULTS_KEYS)}")
     for key in ("sampler", "steps", "samples", "overlap", "threshold", "min_lesion_ml"):
-        _need(defaults, key, f"{where}: defaults", (str, int, float))
+        _need(defaults, key, w, (str, int, float))
+    try:
+        SamplerOptions(
+            sampler=defaults["sampler"],
+            steps=defaults["steps"],
+            eta=float(defaults.get("eta", 0.0)),
+            timestep_spacing=defaults.get("timestep_spacing", "leading"),
+            eps_convention=defaults.get("eps_convention", "raw"),
+            num_samples=defaults["samples"],
+            seed=defaults.get("seed", 0),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"{w}: {exc}") from None
     retire = defaults.get("retire_after", 0)
     if isinstance(retire, bool) or not isinstance(retire, int) or retire < 0:
-        raise ManifestError(f"{where}: defaults: retire_after must be an int >= 0 (0 = off), got {retire!r}")
+        raise ManifestError(f"{w}: retire_after must be an int >= 0 (0 = off), got {retire!r}")
     _need(doc, "files", where, dict)
     return Manifest(
         name=_need(doc, "name", where, str),

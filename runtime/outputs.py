@@ -1,4 +1,5 @@
-"""Writing a case's results: NIfTI maps, lesion table (JSON, CSV), preview PNG and the run report, each atomically.
+"""Writing a case's results: NIfTI maps, lesion table (JSON, CSV), preview PNG, DICOM SEG and the run report, each
+atomically. The writer computes nothing: every map, the PET on the CT grid and the lesion table come in the result.
 
 ``report.json`` is written last: its presence marks a finished case (batch runs skip such cases when resumed).
 """
@@ -9,6 +10,8 @@ import csv
 import io
 import json
 import platform
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +19,10 @@ import numpy as np
 
 from .atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .postprocess import LESION_FIELDS
-from .segmenter import SegmentationResult
+from .result import SegmentationResult
 from .volume import Volume, write_volume
 
-__all__ = ["REPORT_NAME", "lesions_csv", "preview_png", "write_case_outputs"]
+__all__ = ["REPORT_NAME", "WriteOptions", "lesions_csv", "preview_png", "write_outputs"]
 
 REPORT_NAME = "report.json"
 
@@ -100,45 +103,92 @@ def preview_png(ct: Volume, pet_on_ct: Volume, mask: Volume) -> bytes:
     return buf.getvalue()
 
 
-def write_case_outputs(
-    result: SegmentationResult, out_dir: str | Path, ct: Volume, pet: Volume, extra: dict[str, Any] | None = None
-) -> dict[str, Path]:
-    """Write every output of one case into ``out_dir``; ``report.json`` last."""
-    import time
+@dataclass(frozen=True)
+class WriteOptions:
+    """Which outputs :func:`write_outputs` writes.
 
-    from .preprocess import resample_to
-    from .segmenter import _grid
+    Attributes:
+        maps: ``mask``, ``probability``, ``uncertainty``, ``entropy`` as NIfTI.
+        tables: ``lesions.json`` and ``lesions.csv``; for DICOM input also ``lesions_dicom.json``.
+        preview: ``preview.png``.
+        seg: for DICOM input, the DICOM SEG (``seg_name``).
+        seg_name: file name of the DICOM SEG.
+        seg_options: UIDs and other SEG settings (None: highdicom's new UIDs).
+        report: ``report.json``, written last (its presence marks a finished case).
+    """
 
+    maps: bool = True
+    tables: bool = True
+    preview: bool = True
+    seg: bool = True
+    seg_name: str = "seg.dcm"
+    seg_options: Any = None
+    report: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.seg_name or Path(self.seg_name).name != self.seg_name:
+            raise ValueError(f"seg_name must be a plain file name, got {self.seg_name!r}")
+
+
+def write_outputs(
+    result: SegmentationResult,
+    out_dir: str | Path,
+    *,
+    ct: Volume,
+    study: Any = None,
+    options: WriteOptions | None = None,
+    extra: dict[str, Any] | None = None,
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Write the outputs of one case into ``out_dir`` (created), each atomically; ``report.json`` last.
+
+    Args:
+        result: the case's result.
+        out_dir: the case's output folder.
+        ct: the CT the result lies on (the preview's background).
+        study: the DICOM study the case was read from (``PetCtStudy``), or None for image files.
+        options: which outputs to write (None: all).
+        extra: more fields for the report (case id, inputs).
+
+    Returns:
+        The paths written by output name, and the report (empty when ``options.report`` is false).
+    """
+    opt = options or WriteOptions()
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "mask": write_volume(result.mask, out / "mask.nii.gz"),
-        "probability": write_volume(result.probability, out / "probability.nii.gz"),
-        "uncertainty": write_volume(result.uncertainty, out / "uncertainty.nii.gz"),
-        "entropy": write_volume(result.entropy, out / "entropy.nii.gz"),
-        "lesions_json": write_json_atomic(out / "lesions.json", result.lesions),
-        "lesions_csv": write_text_atomic(out / "lesions.csv", lesions_csv(result.lesions)),
-    }
-    pet_on_ct = resample_to(pet, _grid(ct), "linear")
-    paths["preview"] = write_bytes_atomic(out / "preview.png", preview_png(ct, pet_on_ct, result.mask))
+    paths: dict[str, Path] = {}
+    if opt.maps:
+        for name in ("mask", "probability", "uncertainty", "entropy"):
+            paths[name] = write_volume(getattr(result, name), out / f"{name}.nii.gz")
+    if opt.tables:
+        paths["lesions_json"] = write_json_atomic(out / "lesions.json", list(result.lesions))
+        paths["lesions_csv"] = write_text_atomic(out / "lesions.csv", lesions_csv(list(result.lesions)))
+    if opt.preview and result.pet_on_ct is not None:
+        paths["preview"] = write_bytes_atomic(out / "preview.png", preview_png(ct, result.pet_on_ct, result.mask))
+    if study is not None and opt.seg:
+        from .dicom import write_seg
+
+        paths["dicom_seg"] = write_seg(result.mask, study, out / opt.seg_name, options=opt.seg_options)
+    if study is not None and opt.tables:
+        from .dicom import write_lesion_table
+
+        paths["lesions_dicom"] = write_lesion_table(list(result.lesions), study, out / "lesions_dicom.json")
+    if not opt.report:
+        return paths, {}
     from diffseg import __version__
 
-    result.timings["write"] = time.perf_counter() - start
+    timings = {**result.timings, "write": time.perf_counter() - start}
     report = {
         "diffseg": __version__,
         "python": platform.python_version(),
         "settings": result.settings,
-        "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
-        "windows": result.windows,
-        "windows_skipped": result.windows_skipped,
-        "retired": result.retired,
-        "engine_calls": result.engine_calls,
-        "patch_forwards": result.patch_forwards,
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        **result.counts.as_dict(),
         "lesion_count": len(result.lesions),
-        "total_volume_ml": round(float(sum(r["volume_ml"] for r in result.lesions)), 4),
+        "total_volume_ml": round(result.total_volume_ml, 4),
         "outputs": {k: p.name for k, p in paths.items()},
         **(extra or {}),
     }
-    paths["report"] = write_json_atomic(out / REPORT_NAME, json.loads(json.dumps(report, default=str)))
-    return paths
+    report = json.loads(json.dumps(report, default=str))
+    paths["report"] = write_json_atomic(out / REPORT_NAME, report)
+    return paths, report

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import GridSpec
-from .volume import Volume
+from .volume import GridSpec, Volume
 
 __all__ = [
+    "CandidateRule",
     "ModelInput",
     "Normalisation",
+    "body_box",
     "model_grid_for",
     "normalise",
     "prepare_input",
@@ -80,12 +81,64 @@ def resample_to(volume: Volume, grid: GridSpec, mode: str, default: float = 0.0)
     return resample(volume, grid, mode=mode, default=default)  # type: ignore[arg-type]
 
 
+BODY_HU = -500.0
+BODY_MARGIN = 4
+
+
+def body_box(ct_hu: np.ndarray, level: float = BODY_HU, margin: int = BODY_MARGIN) -> tuple[slice, slice, slice]:
+    """Bounding box (with a margin, in voxels) of the tissue above ``level`` HU: the air around the patient is
+    background by definition, so sampling it only costs time. The whole grid if nothing is above the level."""
+    inside = ct_hu > level
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(inside.any(axis=other))
+        n = ct_hu.shape[axis]
+        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, n)) if hit.size else slice(0, n))
+    return (box[0], box[1], box[2])
+
+
+@dataclass(frozen=True)
+class CandidateRule:
+    """Voxels that may hold tumour: the modality's raw value (before normalisation) at least ``min_value``. Windows
+    without one are not sampled (the manifest's ``defaults.candidate``)."""
+
+    modality: str
+    min_value: float
+
+    @classmethod
+    def from_manifest(cls, entry: Mapping[str, object] | None, modalities: Sequence[str]) -> CandidateRule | None:
+        if not entry:
+            return None
+        modality, level = entry.get("modality"), entry.get("min_value")
+        if modality not in modalities:
+            raise ValueError(f"candidate rule: modality must be one of the model's {list(modalities)}, got {entry}")
+        if isinstance(level, bool) or not isinstance(level, int | float):
+            raise ValueError(f"candidate rule: min_value must be a number, got {entry}")
+        return cls(str(modality), float(level))
+
+
 @dataclass(frozen=True)
 class ModelInput:
-    """Image channels on the model grid, in the manifest's modality order, normalised."""
+    """A case as the sampler sees it.
 
-    image: np.ndarray  # [C, z, y, x] float32
+    Attributes:
+        image: ``[C, z, y, x]`` float32, the manifest's modalities in order, normalised, cropped to ``box``.
+        grid: the whole model grid (identity direction, the manifest's spacing, the CT's extent).
+        box: the body box within ``grid`` (the whole grid when not cropped).
+        candidate: ``[z, y, x]`` bool within ``box`` from the candidate rule, or None (every window runs).
+    """
+
+    image: np.ndarray
     grid: GridSpec
+    box: tuple[slice, slice, slice]
+    candidate: np.ndarray | None
+
+    def uncrop(self, cropped: np.ndarray) -> Volume:
+        """A map over ``box`` placed on the whole model grid (0 outside the box: background, certain)."""
+        full = np.zeros(self.grid.shape, dtype=np.float32)
+        full[self.box] = cropped
+        return Volume(full, self.grid.spacing, self.grid.origin, self.grid.direction)
 
 
 def prepare_input(
@@ -93,14 +146,22 @@ def prepare_input(
     modalities: Sequence[str],
     norms: Mapping[str, Normalisation],
     spacing_mm: float,
+    *,
+    candidate: CandidateRule | None = None,
+    crop_to_body: bool = True,
 ) -> ModelInput:
-    """Resample every modality onto the CT-derived model grid and normalise it.
+    """Resample every modality onto the CT-derived model grid, crop to the body and normalise it.
 
     Args:
         volumes: images by modality code (``"CT"``, ``"PT"``); the CT defines the model grid.
         modalities: channel order (the manifest's ``modalities``).
         norms: normalisation per modality.
         spacing_mm: the model grid spacing.
+        candidate: the rule that marks voxels worth sampling (None: all).
+        crop_to_body: crop to :func:`body_box` of the CT (training keeps the whole grid).
+
+    Raises:
+        ValueError: no CT, a modality missing, or a PET without uptake where the CT is.
     """
     if "CT" not in volumes:
         raise ValueError(f"a CT is required to define the model grid; got modalities {sorted(volumes)}")
@@ -108,10 +169,15 @@ def prepare_input(
     if missing:
         raise ValueError(f"the model needs modalities {list(modalities)}; missing {missing}")
     grid = model_grid_for(volumes["CT"], spacing_mm)
-    image = np.empty((len(modalities), *grid.shape), dtype=np.float32)
+    # Outside its field of view a modality reads as its lowest normalised value (air / no uptake).
+    raw = {m: resample_to(volumes[m], grid, "linear", default=norms[m].low).array for m in modalities}
+    if "PT" in raw and float(raw["PT"].max(initial=0.0)) <= 0.0:
+        raise ValueError("the PET holds no uptake on the CT's field of view (do PET and CT overlap in space?)")
+    whole = (slice(0, grid.shape[0]), slice(0, grid.shape[1]), slice(0, grid.shape[2]))
+    box = body_box(raw["CT"]) if crop_to_body and "CT" in raw else whole
+    shape = tuple(b.stop - b.start for b in box)
+    image = np.empty((len(modalities), *shape), dtype=np.float32)
     for c, modality in enumerate(modalities):
-        src = volumes[modality]
-        # Outside its field of view a modality reads as its lowest normalised value (air / no uptake).
-        resampled = resample_to(src, grid, "linear", default=norms[modality].low)
-        normalise(resampled.array, norms[modality], out=image[c])
-    return ModelInput(image, grid)
+        normalise(raw[modality][box], norms[modality], out=image[c])
+    mask = None if candidate is None else raw[candidate.modality][box] >= np.float32(candidate.min_value)
+    return ModelInput(image, grid, box, mask)

@@ -3,7 +3,7 @@
 Three entry points, one per input type, so that the return type never depends on the input:
 :func:`resample` (``Volume`` → ``Volume``), :func:`resample_array` (array + grids → array) and
 :func:`resample_image` (``SimpleITK.Image`` → ``SimpleITK.Image``). The target is any grid: a ``Volume``, a
-``SimpleITK.Image`` or a :class:`~diffseg.runtime.kernels.GridSpec` (a grid without an array).
+``SimpleITK.Image`` or a :class:`~diffseg.runtime.volume.GridSpec` (a grid without an array).
 
 Modes:
 
@@ -16,7 +16,7 @@ Modes:
   pass). Integer or boolean dtypes, same dtype out.
 
 Geometry: the source continuous index of each target voxel is one affine map of its index (see
-:func:`~diffseg.runtime.kernels.kernel_geometry`); equal or flipped directions take the kernels' fast separable
+:func:`~diffseg.runtime.native.kernel_geometry`); equal or flipped directions take the kernels' fast separable
 path, any other relation (oblique, permuted axes) the general 8-tap path. Target grids may be larger or smaller
 than the source; no part of the source needs to overlap.
 """
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .kernels import GridSpec, check_out, extension, kernel_geometry, threads_arg, volume_array
-from .volume import Volume
+from .native import check_out, extension, kernel_geometry, threads_arg, volume_array
+from .volume import GridSpec, Volume
 
 if TYPE_CHECKING:
     import SimpleITK as sitk

@@ -22,9 +22,8 @@ from diffseg.runtime.components import (
     label_components,
     remove_small_components,
 )
-from diffseg.runtime.kernels import GridSpec
 from diffseg.runtime.phantom import PhantomOptions, make_phantom
-from diffseg.runtime.volume import Volume
+from diffseg.runtime.volume import GridSpec, Volume
 
 cc3d = pytest.importorskip("cc3d")
 

@@ -11,12 +11,13 @@ import shutil
 import numpy as np
 import pytest
 
-from diffseg.runtime.backends import get_backend
-from diffseg.runtime.device_sampler import DeviceLayout, OrtDeviceOps, sample_step_major_on_device
+from diffseg.runtime.backends import BackendUnavailableError, get_backend
+from diffseg.runtime.backends.ort_ops import OrtDeviceOps
+from diffseg.runtime.backends.ort_step_graphs import background_graph, blend_graph, gather_graph, step_graph
+from diffseg.runtime.diffusion_schedule import PREDICTION_TYPES, SchedulerConfig
 from diffseg.runtime.manifest import load_package, sha256_of
-from diffseg.runtime.sampler import SamplerOptions, WindowOptions, sample_step_major
-from diffseg.runtime.scheduler import PREDICTION_TYPES, Scheduler, SchedulerConfig
-from diffseg.runtime.step_graphs import background_graph, blend_graph, gather_graph, step_graph
+from diffseg.runtime.sampling import DeviceLayout, SamplerOptions, WindowOptions, sample_step_major
+from diffseg.runtime.scheduler import Scheduler
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -39,12 +40,17 @@ def _ops(backend, k: int, padded: tuple[int, ...], patch: tuple[int, ...]) -> Or
         noisy_channel=2,
         prediction_channel=0,
         output_channels=1,
+        variance_channel=None,
+        clip=None,
         weight=np.ones(patch, np.float32),
         inv_weight_sum=np.ones(padded, np.float32),
         interior=None,
         pad_value=0.0,
+        tasks=np.zeros((0, 2), np.int64),
+        starts=np.zeros((0, 4), np.int64),
+        skip_weight=None,
     )
-    return OrtDeviceOps(backend, layout, None)
+    return OrtDeviceOps(backend, layout)
 
 
 def _run(dev: OrtDeviceOps, model, inputs: dict[str, np.ndarray], outputs: dict[str, tuple]) -> dict[str, np.ndarray]:
@@ -52,7 +58,7 @@ def _run(dev: OrtDeviceOps, model, inputs: dict[str, np.ndarray], outputs: dict[
     # earlier graph's cached session.
     session = dev.session(model.SerializeToString(), lambda: model)
     bound = {name: dev.empty(shape, dtype) for name, (shape, dtype) in outputs.items()}
-    dev.run(session, {k: dev.upload(v) for k, v in inputs.items()}, bound)
+    dev.run_graph(session, {k: dev.upload(v) for k, v in inputs.items()}, bound)
     return {name: v.numpy() for name, v in bound.items()}
 
 
@@ -190,7 +196,9 @@ def test_device_loop_equals_host_loop(tmp_path, eta, shape):
     window = WindowOptions(patch_size=PATCH, overlap=0.25, batch_size=3, retire_after=1)
     with get_backend("onnxruntime", package, "fp32", threads=2) as backend:
         host = sample_step_major(image, backend.run, config, options, window, candidate=candidate)
-        device = sample_step_major_on_device(image, backend, config, options, window, candidate=candidate)
+        device = sample_step_major(
+            image, None, config, options, window, candidate=candidate, device_ops=backend.device_ops
+        )
     assert host.windows_skipped > 0 and host.retired > 0
     assert (device.windows_skipped, device.retired, device.patch_forwards, device.engine_calls) == (
         host.windows_skipped,
@@ -210,12 +218,20 @@ def test_segmenter_device_loop_choice(default_package):
         assert seg.device_loop is False and seg.settings()["device_loop"] is False
     with Segmenter("default", backend="onnxruntime", steps=2, samples=1, device_loop=True) as seg:
         assert seg.device_loop is True
-    with pytest.raises(ValueError, match="device_loop needs a backend that has one"):
+    with pytest.raises(ValueError, match="device_loop needs a backend with device ops"):
         Segmenter("default", backend="openvino", precision="fp32", device_loop=True)
     with pytest.raises(ValueError, match="device_loop needs"):
         Segmenter("default", backend="onnxruntime", loop_order="window-major", device_loop=True)
-    with pytest.raises(ValueError, match="cannot keep x_t on its device"):
-        sample_step_major_on_device(np.zeros((2, 8, 8, 8), np.float32), object(), SchedulerConfig())
+    with get_backend("openvino", default_package, "fp32") as backend:
+        assert not backend.has_device_ops
+        with pytest.raises(BackendUnavailableError, match="cannot keep the sampler's x_t on its device"):
+            sample_step_major(
+                np.zeros((2, 8, 8, 8), np.float32),
+                None,
+                SchedulerConfig(),
+                window_options=WindowOptions(patch_size=(8, 8, 8)),
+                device_ops=backend.device_ops,
+            )
 
 
 def test_torch_device_loop_equals_host_loop(default_package):
@@ -232,7 +248,7 @@ def test_torch_device_loop_equals_host_loop(default_package):
     window = WindowOptions(patch_size=PATCH, overlap=0.25, batch_size=4, retire_after=1)
     backend = torch_backend.TorchBackend(default_package, "fp32", threads=2)
     host = sample_step_major(image, backend.run, config, options, window, candidate=candidate)
-    device = sample_step_major_on_device(image, backend, config, options, window, candidate=candidate)
+    device = sample_step_major(image, None, config, options, window, candidate=candidate, device_ops=backend.device_ops)
     assert host.windows_skipped > 0
     assert (device.windows_skipped, device.retired, device.patch_forwards) == (
         host.windows_skipped,

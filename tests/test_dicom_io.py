@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shutil
 import subprocess
 from datetime import datetime
@@ -39,6 +40,7 @@ from diffseg.runtime.dicom import (
     suv_conversion,
     write_phantom_dicom,
 )
+from diffseg.runtime.dicom.plausibility import PLAUSIBLE_RANGES
 from diffseg.runtime.dicom.synthetic import SyntheticDicomOptions
 from diffseg.runtime.phantom import PhantomOptions, make_phantom
 
@@ -426,6 +428,179 @@ def test_pet_without_dose_is_refused_by_read_pet_ct(plain, tmp_path):
     _edit(sorted((folder / "pet").glob("*.dcm")), _drop_info("RadionuclideTotalDose"))
     with pytest.raises(DicomInputError, match=r"PT series #3 .*RadionuclideTotalDose .* is missing"):
         read_pet_ct(folder)
+
+
+# Plausibility of the SUVbw inputs. Each case: the edit of every PET file, the attribute and the value the
+# message must name, and the START factor (QIBA, by hand) of the values as written, which force_units gives.
+_T_HALF = 6586.2
+
+
+def _start_factor(weight_kg=75.0, dose_bq=370.0e6, half_life_s=_T_HALF, uptake_s=3600.0):
+    return weight_kg * 1000.0 / (dose_bq * 2.0 ** (-uptake_s / half_life_s))
+
+
+def _set_info(keyword, value):
+    def change(ds):
+        setattr(ds.RadiopharmaceuticalInformationSequence[0], keyword, value)
+
+    return change
+
+
+IMPLAUSIBLE = {
+    "dose_in_MBq": (
+        _set_info("RadionuclideTotalDose", "370"),
+        "RadionuclideTotalDose in RadiopharmaceuticalInformationSequence",
+        "370 Bq",
+        _start_factor(dose_bq=370.0),
+    ),
+    "dose_in_kBq": (
+        _set_info("RadionuclideTotalDose", "370000"),
+        "RadionuclideTotalDose in RadiopharmaceuticalInformationSequence",
+        "370000 Bq",
+        _start_factor(dose_bq=370.0e3),
+    ),
+    "weight_in_grams": (
+        lambda ds: setattr(ds, "PatientWeight", "75000"),
+        "PatientWeight",
+        "75000 kg",
+        _start_factor(weight_kg=75000.0),
+    ),
+    "half_life_in_ms": (
+        _set_info("RadionuclideHalfLife", "6586200"),
+        "RadionuclideHalfLife in RadiopharmaceuticalInformationSequence",
+        r"6\.5862e\+06 s",
+        _start_factor(half_life_s=6586200.0),
+    ),
+    # In range as a half-life, but a 60 min uptake is then 32.8 half-lives: caught by the uptake check.
+    "half_life_in_minutes": (
+        _set_info("RadionuclideHalfLife", "109.77"),
+        r"the time from RadiopharmaceuticalStartDateTime \(2024-01-02 10:00:00\) to SeriesDate/SeriesTime "
+        r"\(2024-01-02 11:00:00\)",
+        r"3600 s \(1 h, 32.8 half-lives of 109.77 s\)",
+        _start_factor(half_life_s=109.77),
+    ),
+    "negative_delay": (
+        _set_info("RadiopharmaceuticalStartDateTime", "20240102113000"),
+        r"the time from RadiopharmaceuticalStartDateTime \(2024-01-02 11:30:00\) to SeriesDate/SeriesTime "
+        r"\(2024-01-02 11:00:00\)",
+        r"-1800 s \(-0.5 h",
+        _start_factor(uptake_s=-1800.0),
+    ),
+    "injection_a_day_off": (
+        _set_info("RadiopharmaceuticalStartDateTime", "20240101100000"),
+        r"the time from RadiopharmaceuticalStartDateTime \(2024-01-01 10:00:00\) to SeriesDate/SeriesTime "
+        r"\(2024-01-02 11:00:00\)",
+        r"90000 s \(25 h, 13.7 half-lives",
+        _start_factor(uptake_s=90000.0),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def plain_study(plain):
+    return read_pet_ct(plain[1])
+
+
+def test_plausible_synthetic_study_has_no_override(plain, plain_study):
+    assert plain_study.overrides == ()
+    assert plain_study.suv.overrides == ()
+    assert plain_study.suv.factors[0] == pytest.approx(_start_factor(), rel=1e-12)
+    # Forcing what is plausible forces nothing.
+    forced = read_pet_ct(plain[1], force_units=True)
+    assert forced.overrides == ()
+    np.testing.assert_array_equal(forced.pet.array, plain_study.pet.array)
+
+
+@pytest.mark.parametrize("case", sorted(IMPLAUSIBLE))
+def test_implausible_suv_input_is_refused_unless_forced(plain, plain_study, tmp_path, caplog, case):
+    change, attribute, value, expected_factor = IMPLAUSIBLE[case]
+    folder = _copy(plain[1], tmp_path / "study")
+    pet_files = sorted((folder / "pet").glob("*.dcm"))
+    _edit(pet_files, change)
+    with pytest.raises(DicomInputError) as refused:
+        read_pet_ct(folder)
+    message = str(refused.value)
+    assert message.startswith("PT series #3 ")
+    assert re.search(rf"{attribute} of {re.escape(str(folder / 'pet'))}/PT_\d+\.dcm is {value}", message), message
+    assert "outside the plausible range" in message and "force_units=True" in message
+    # Forced: read as written, the factor is QIBA's of the values written, the SUVs scale with it.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diffseg"):
+        study = read_pet_ct(folder, force_units=True)
+    assert study.suv.factors == pytest.approx([expected_factor] * len(pet_files), rel=1e-12)
+    ratio = expected_factor / plain_study.suv.factors[0]
+    np.testing.assert_allclose(study.pet.array, plain_study.pet.array * ratio, rtol=1e-6, atol=1e-30)
+    assert len(study.overrides) == 1 and study.overrides == study.suv.overrides
+    assert re.search(rf"{attribute} of .*PT_\d+\.dcm is {value}", study.overrides[0]), study.overrides[0]
+    assert "force_units" in study.overrides[0]
+    assert any("force_units" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+@pytest.mark.parametrize("key", ["PatientWeight", "RadionuclideTotalDose", "RadionuclideHalfLife"])
+def test_plausible_ranges_are_the_bounds_used(pet_headers, key):
+    plausible = PLAUSIBLE_RANGES[key]
+
+    def change(value):
+        def edit(h):
+            h.DecayCorrection = "ADMIN"  # times (and so the uptake check) out of play: this bound alone
+            if key == "PatientWeight":
+                h.PatientWeight = str(value)
+            else:
+                _set_info(key, str(value))(h)
+
+        return edit
+
+    for inside in (plausible.low, plausible.high):
+        assert suv_conversion(_modified(pet_headers, change(inside))).overrides == ()
+    for outside in (plausible.low * 0.999, plausible.high * 1.001):
+        shown = re.escape(f"{outside:g} {plausible.unit}")
+        with pytest.raises(DicomInputError, match=rf"{key}.* is {shown}, outside the plausible range"):
+            suv_conversion(_modified(pet_headers, change(outside)))
+        forced = suv_conversion(_modified(pet_headers, change(outside)), force_units=True)
+        assert len(forced.overrides) == 1 and key in forced.overrides[0]
+
+
+def test_uptake_check_per_decay_correction(pet_headers):
+    late = _set_info("RadiopharmaceuticalStartDateTime", "20240102113000")  # 30 min after the scan
+
+    def admin(h):  # decay-corrected to the injection: the times do not enter SUVbw, nothing to refuse
+        late(h)
+        h.DecayCorrection = "ADMIN"
+
+    assert suv_conversion(_modified(pet_headers, admin)).overrides == ()
+
+    def none(h):  # per slice: the first slice outside is named, with the count
+        late(h)
+        h.DecayCorrection = "NONE"
+        h.CorrectedImage = ["ATTN", "SCAT"]
+
+    n = len(pet_headers)
+    with pytest.raises(
+        DicomInputError,
+        match=rf"AcquisitionDate/AcquisitionTime of slice 0 \(2024-01-02 11:00:00\) "
+        rf"of {re.escape(pet_headers[0].filename)} is -1800 s .*; {n} of {n} slices outside",
+    ):
+        suv_conversion(_modified(pet_headers, none), "PT series #3")
+    forced = suv_conversion(_modified(pet_headers, none), "PT series #3", force_units=True)
+    assert len(forced.overrides) == 1
+    lam_d = math.log(2.0) * 180.0 / _T_HALF
+    expected = _start_factor(uptake_s=-1800.0) * lam_d / (1.0 - math.exp(-lam_d))
+    assert forced.factors == pytest.approx([expected] * n, rel=1e-12)
+
+
+def test_forced_values_that_give_no_finite_factor_are_still_refused(pet_headers):
+    # F-18 half-life in hours: 1968 half-lives of uptake, 2^-1968 underflows.
+    hours = _set_info("RadionuclideHalfLife", "1.8295")
+    with pytest.raises(
+        DicomInputError, match=r"RadionuclideHalfLife in RadiopharmaceuticalInformationSequence of .* is 1\.8295 s"
+    ):
+        suv_conversion(_modified(pet_headers, hours))
+    with pytest.raises(
+        DicomInputError, match="not a finite number: these values cannot be used, even with force_units"
+    ):
+        suv_conversion(_modified(pet_headers, hours), force_units=True)
+    with pytest.raises(TypeError, match="force_units must be True or False, got 'yes'"):
+        suv_conversion(pet_headers, force_units="yes")
 
 
 def test_parse_dicom_datetime_forms():

@@ -234,3 +234,30 @@ def test_tampered_package_is_refused(tmp_path, default_package):
     (copy / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match="retire_after must be an int >= 0"):
         load_package(copy, verify=False)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("diffusion", "beta_shedule", "linear", r"diffusion: unknown diffusion keys \['beta_shedule'\]"),
+        ("diffusion", "clip_range", 0.0, "diffusion: clip_range must be a positive number, got 0.0"),
+        ("defaults", "stpes", 10, r"defaults: unknown keys \['stpes'\]"),
+        ("defaults", "steps", "ten", "defaults: steps must be an int >= 1, got 'ten'"),
+        ("defaults", "samples", 0, r"defaults: num_samples must be an int >= 1, got 0"),
+        ("defaults", "timestep_spacing", "log", "defaults: timestep_spacing must be one of"),
+    ],
+)
+def test_manifest_fields_are_checked_by_the_scheduler_s_own_rules(
+    tmp_path, default_package, section, key, value, message
+):
+    # Reference: the rule that a manifest key is never filtered out before validation (a typo used to be dropped
+    # silently): the manifest check and the scheduler share one definition of keys and allowed values.
+    import shutil
+
+    copy = tmp_path / "pkg"
+    shutil.copytree(default_package.root, copy)
+    doc = json.loads((copy / "manifest.json").read_text())
+    doc[section][key] = value
+    (copy / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match=message):
+        load_package(copy, verify=False)

@@ -13,14 +13,17 @@ References and tolerances:
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from diffseg.runtime.kernels import GridSpec, index_affine
+from diffseg.runtime.native import index_affine
 from diffseg.runtime.phantom import PhantomOptions, make_phantom
 from diffseg.runtime.resample import resample, resample_array, resample_image
-from diffseg.runtime.volume import Volume
+from diffseg.runtime.volume import GridSpec, Volume
 
 KINDS = ("equal", "flipped", "oblique")
 
@@ -274,6 +277,94 @@ def test_gridspec_validates(kwargs, match):
     args = {"size_xyz": (4, 3, 2), "spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0)} | kwargs
     with pytest.raises(ValueError, match=match):
         GridSpec(**args)
+
+
+def _rotated_flipped_grid() -> GridSpec:
+    """An anisotropic grid whose direction is a rotation times a flip of y (determinant -1)."""
+    rotation = _rotation(np.random.default_rng(7))
+    direction = rotation @ np.diag([1.0, -1.0, 1.0])
+    return GridSpec((11, 7, 5), (0.7, 1.3, 3.1), (-12.5, 40.25, 7.0), tuple(direction.ravel()))
+
+
+def test_gridspec_and_volume_map_indices_as_simpleitk():
+    grid = _rotated_flipped_grid()
+    assert not np.allclose(np.abs(grid.direction_matrix), np.eye(3))  # oblique, not merely flipped
+    volume = Volume(np.zeros(grid.shape, np.float32), grid.spacing, grid.origin, grid.direction)
+    image = volume.to_sitk()
+    assert volume.grid == grid
+    assert GridSpec.of(volume) is volume.grid
+    assert GridSpec.of(image) == grid
+    assert (volume.shape, volume.size_xyz) == (grid.shape, grid.size_xyz)
+    np.testing.assert_array_equal(grid.index_matrix, grid.direction_matrix @ np.diag(grid.spacing))
+
+    index = np.random.default_rng(3).uniform(-1.0, 1.0, (40, 3)) * 2 + np.asarray(grid.size_xyz) * [0.5, 0.4, 0.3]
+    expected = np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(map(float, i))) for i in index])
+    for spec in (grid, volume):
+        points = spec.index_to_physical(index)
+        np.testing.assert_allclose(points, expected, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(spec.physical_to_index(points), index, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(spec.physical_to_index(expected), index, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(volume.index_to_physical(index), grid.index_to_physical(index))
+    np.testing.assert_array_equal(grid.physical_points(index[:, ::-1]), grid.index_to_physical(index))
+    # One index step along axis j moves by column j of index_matrix.
+    steps = grid.index_to_physical(np.eye(3)) - np.asarray(grid.origin)
+    np.testing.assert_allclose(steps, grid.index_matrix.T, rtol=0, atol=1e-12)
+    # A [..., 3] batch keeps its leading shape.
+    assert grid.index_to_physical(index.reshape(4, 10, 3)).shape == (4, 10, 3)
+
+
+BAD_GEOMETRY = [
+    ("spacing", (1.0, 0.0, 1.0)),
+    ("spacing", (1.0, -2.0, 1.0)),
+    ("spacing", (1.0, np.nan, 1.0)),
+    ("spacing", (1.0, 1.0)),
+    ("spacing", "abc"),
+    ("origin", (0.0, np.inf, 0.0)),
+    ("origin", (0.0, 0.0)),
+    ("origin", ("a", 0.0, 0.0)),
+    ("direction", (1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)),  # not orthonormal
+    ("direction", (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0)),  # 8 numbers
+    ("direction", (np.nan, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)),
+    ("direction", tuple(2 * np.eye(3).ravel())),  # orthogonal, not unit
+]
+
+
+@pytest.mark.parametrize("kind", ["GridSpec", "Volume"])
+@pytest.mark.parametrize(("field", "value"), BAD_GEOMETRY)
+def test_bad_geometry_raises_naming_the_field(kind, field, value):
+    args = {"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0)} | {field: value}
+    with pytest.raises(ValueError, match=rf"^{field} must "):
+        if kind == "GridSpec":
+            GridSpec((4, 3, 2), **args)
+        else:
+            Volume(np.zeros((2, 3, 4), np.float32), **args)
+
+
+def test_volume_normalises_geometry_as_its_grid():
+    volume = Volume(np.zeros((2, 3, 4), np.uint8), np.array([1, 2, 3]), [0, 1, 2], np.eye(3)[:, ::-1].T)
+    assert volume.spacing == (1.0, 2.0, 3.0) and type(volume.spacing[0]) is float
+    assert volume.origin == (0.0, 1.0, 2.0)
+    assert volume.direction == (0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0)
+    assert volume.grid == GridSpec((4, 3, 2), volume.spacing, volume.origin, volume.direction)
+    with pytest.raises(ValueError, match="3D"):
+        Volume(np.zeros((3, 4), np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+
+
+@pytest.mark.parametrize("order", [("resample", "components"), ("components", "resample")])
+def test_kernel_wrappers_import_in_either_order(order):
+    # A fresh interpreter: no module of this test session is already imported there.
+    code = "\n".join(
+        [
+            "import importlib, importlib.util, sys",
+            *(f"importlib.import_module('diffseg.runtime.{name}')" for name in order),
+            "from diffseg.runtime.components import connected_components",
+            "from diffseg.runtime.resample import resample_array",
+            "assert importlib.util.find_spec('diffseg.runtime.kernels') is None, 'the kernels facade is back'",
+            "assert 'torch' not in sys.modules, 'the runtime imported torch'",
+        ]
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_resample_wants_a_volume_and_a_grid():

@@ -17,12 +17,12 @@ import torch
 
 from diffseg.export.reference import ReferenceSettings, reference_sample
 from diffseg.runtime.backends import BackendUnavailableError, get_backend
+from diffseg.runtime.diffusion_schedule import SamplerOptions, SchedulerConfig
 from diffseg.runtime.phantom import PhantomOptions, make_phantom
 from diffseg.runtime.postprocess import dice
 from diffseg.runtime.preprocess import model_grid_for, normalise, resample_to
-from diffseg.runtime.sampler import sample_step_major
-from diffseg.runtime.scheduler import SamplerOptions, SchedulerConfig
-from diffseg.runtime.segmenter import _SCHEDULER_KEYS, Segmenter
+from diffseg.runtime.sampling import sample_step_major
+from diffseg.runtime.segmenter import Segmenter
 from diffseg.runtime.sliding_window import WindowOptions
 
 STEPS, SAMPLES, SEED = 4, 2, 7
@@ -74,7 +74,7 @@ def reference_probability(torch_model, model_grid_case, default_package):
 
 def runtime_probability(backend, image, package):
     m = package.manifest
-    config = SchedulerConfig.from_dict({k: v for k, v in m.diffusion.items() if k in _SCHEDULER_KEYS})
+    config = SchedulerConfig.from_dict(m.diffusion)
     d = m.defaults
     options = SamplerOptions(
         sampler="ddim",
@@ -135,17 +135,29 @@ def test_segmenter_end_to_end(small_phantom):
     assert result.probability.array.min() >= 0.0 and result.probability.array.max() <= 1.0
     assert result.uncertainty.array.min() >= 0.0
     assert result.settings["backend"] == "onnxruntime" and result.settings["sampler"]["steps"] == 2
-    assert set(result.timings) >= {"read", "resample", "normalise", "sample", "postprocess"}
+    assert list(result.timings) == ["read", "prepare", "sample", "postprocess"]
     assert dice(result.mask.array, small_phantom.mask.array) >= 0.6
     for row in result.lesions:
-        assert row["volume_ml"] >= seg.post_options.min_lesion_ml
+        assert row["volume_ml"] >= seg.options.postprocess.min_lesion_ml
         assert row["suv_max"] >= row["suv_mean"] > 0
         assert row["tlg"] == pytest.approx(row["suv_mean"] * row["mtv_ml"], rel=1e-2)
 
 
-def test_auto_backend_is_recorded(small_phantom):
+def test_auto_backend_is_recorded(caplog):
+    from diffseg.runtime.backends import pick_auto
+
+    name, precision = pick_auto()
+    caplog.set_level("INFO", logger="diffseg")
     seg = Segmenter("default", backend="auto", steps=1, samples=1)
-    assert seg.settings()["backend"] in ("openvino", "onnxruntime")
+    settings = seg.settings()
+    assert (settings["backend"], settings["precision"]) == (name, precision)
+    picks = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "diffseg" and r.levelname == "INFO" and "auto" in r.getMessage()
+    ]
+    assert len(picks) == 1, [r.getMessage() for r in caplog.records]
+    assert set(picks[0].replace(":", " ").split()) >= {name, precision}, picks[0]
 
 
 def test_same_seed_same_mask(small_phantom):
@@ -203,12 +215,36 @@ def test_retirement_follows_the_manifest_unless_overridden():
     # Reference: the default package's manifest (retire_after 2); 0 turns it off (the exact loop); window-major never
     # retires.
     with Segmenter("default", backend="onnxruntime") as seg:
-        assert seg.window_options.retire_after == seg.package.manifest.defaults["retire_after"] == 2
+        assert seg.options.window.retire_after == seg.package.manifest.defaults["retire_after"] == 2
         assert seg.settings()["window"]["retire_after"] == 2
     with Segmenter("default", backend="onnxruntime", retire_after=0) as seg:
-        assert seg.window_options.retire_after == 0
+        assert seg.options.window.retire_after == 0
     with Segmenter("default", backend="onnxruntime", loop_order="window-major") as seg:
-        assert seg.window_options.retire_after == 0
+        assert seg.options.window.retire_after == 0 and seg.settings()["window"]["retire_after"] == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"loop_order": "window-major", "retire_after": 2}, "retire_after applies to the step-major loop only"),
+        ({"batch_size": 0}, r"batch_size must be an int >= 1 .* got 0"),
+        ({"batch_size": -3}, r"batch_size must be an int >= 1 .* got -3"),
+        ({"loop_order": "diagonal"}, "loop_order must be step-major or window-major, got 'diagonal'"),
+        ({"steps": 0}, r"steps must be an int >= 1, got 0"),
+    ],
+)
+def test_options_that_would_be_ignored_are_refused(kwargs, message):
+    # Reference: the rule that no option is quietly dropped or replaced (before: batch_size 0 became the default and
+    # retire_after was zeroed under window-major).
+    with pytest.raises(ValueError, match=message):
+        Segmenter("default", backend="onnxruntime", **kwargs)
+
+
+def test_predict_after_close_says_so(small_phantom):
+    seg = Segmenter("default", backend="onnxruntime", steps=1, samples=1)
+    seg.close()
+    with pytest.raises(RuntimeError, match="Segmenter was closed"):
+        seg.predict(small_phantom.ct, small_phantom.pet)
 
 
 @pytest.mark.skipif(

@@ -12,14 +12,14 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
 
-from diffseg.runtime.sampler import (
+from diffseg.runtime.diffusion_schedule import SchedulerConfig, make_alphas_cumprod
+from diffseg.runtime.sampling import (
     SamplerOptions,
     WindowOptions,
     binary_entropy,
     sample_step_major,
     sample_window_major,
 )
-from diffseg.runtime.scheduler import SchedulerConfig, make_alphas_cumprod
 
 LOOPS = [sample_step_major, sample_window_major]
 VOLUME, PATCH = (12, 20, 22), (8, 10, 12)  # 2 × 3 × 3 = 18 windows at overlap 0.25

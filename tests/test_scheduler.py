@@ -17,14 +17,14 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from monai.networks.schedulers import DDIMScheduler as MonaiDDIM
 from monai.networks.schedulers import DDPMScheduler as MonaiDDPM
 
-from diffseg.runtime.scheduler import (
+from diffseg.runtime.diffusion_schedule import (
     PREDICTION_TYPES,
     SamplerOptions,
-    Scheduler,
     SchedulerConfig,
     make_alphas_cumprod,
     timestep_pairs,
 )
+from diffseg.runtime.scheduler import Scheduler
 
 SHAPE = (2, 1, 16, 32, 40)  # 40,960 voxels
 BIG = (2, 1, 32, 64, 64)  # 262,144 voxels: four of the step kernel's 65,536-element thread shares

@@ -3,6 +3,11 @@
 A backend loads one engine of a model package for a fixed patch, keeps its buffers where its device is, and runs
 ``run(x, t) -> y`` with ``x`` float32 ``[B, C, *patch]``, ``t`` float32 ``[B]``, ``y`` float32 ``[B, out, *patch]``.
 A backend or precision that cannot be had raises ``BackendUnavailableError``; nothing falls back silently.
+
+What a backend can do is declared on the class, so that ``auto``, ``diffseg info`` and the pipeline ask the same
+questions of every backend: ``precisions``; ``unavailable_reason()`` (why it cannot run here, or None);
+``precision_reason(precision)`` (why it cannot run that precision here, or None); ``has_device_ops`` (whether
+``device_ops(layout)`` keeps the sampler's x_t on the engine's device); and, once loaded, ``device``.
 """
 
 from __future__ import annotations
@@ -11,11 +16,14 @@ import importlib
 import logging
 import os
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from ..manifest import ModelPackage
+
+if TYPE_CHECKING:
+    from ..sampling.device_ops import DeviceLayout, DeviceOps
 
 __all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "available_backends", "get_backend", "pick_auto"]
 
@@ -27,13 +35,18 @@ class BackendUnavailableError(RuntimeError):
 
 
 class Backend(ABC):
-    """One engine, loaded for a fixed patch size."""
+    """One engine, loaded for a fixed patch size.
 
-    name: str = ""
-    precisions: tuple[str, ...] = ()
-    # Whether ``device_ops(layout, clip)`` can run the sampler's steps on the engine's device
-    # (diffseg.runtime.device_sampler), keeping x_t there across steps.
-    device_loop: bool = False
+    Attributes:
+        name: the registry name.
+        precisions: the precisions it can run, its default first.
+        has_device_ops: ``device_ops(layout)`` keeps the step-major loop's arrays on the engine's device.
+        device: where the engine runs (``cpu``, ``cuda:0``), set when loaded.
+    """
+
+    name: ClassVar[str] = ""
+    precisions: ClassVar[tuple[str, ...]] = ()
+    has_device_ops: ClassVar[bool] = False
 
     def __init__(self, package: ModelPackage, precision: str, threads: int | None = None) -> None:
         if precision not in self.precisions:
@@ -49,15 +62,38 @@ class Backend(ABC):
         self.patch = tuple(m.patch_size)
         self.device = "cpu"
 
+    @classmethod
+    @abstractmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this backend cannot run on this machine (missing library, provider or device), or None."""
+
+    @classmethod
+    def precision_reason(cls, precision: str) -> str | None:
+        """Why this backend cannot run ``precision`` here, or None."""
+        return None if precision in cls.precisions else f"supported: {list(cls.precisions)}"
+
     @abstractmethod
     def run(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         """One engine call: ``x`` [B, C, *patch] float32, ``t`` [B] float32 → ``y`` [B, out, *patch] float32."""
+
+    def device_ops(self, layout: DeviceLayout) -> DeviceOps:
+        """The step-major loop's array work on this engine's device.
+
+        Raises:
+            BackendUnavailableError: the backend has none (``has_device_ops`` is false) or cannot run this layout.
+        """
+        raise BackendUnavailableError(f"backend {self.name!r} cannot keep the sampler's x_t on its device")
 
     def close(self) -> None:  # noqa: B027 (a no-op by default; engines holding device memory override it)
         """Release the engine (sessions, device memory)."""
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "precision": self.precision, "device": self.device}
+
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        """What the class declares, for ``diffseg info`` and reports."""
+        return {"precisions": list(cls.precisions), "device_ops": cls.has_device_ops}
 
     def _check(self, x: np.ndarray, t: np.ndarray) -> None:
         want = (self.in_channels, *self.patch)
@@ -104,7 +140,7 @@ def available_backends() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in BACKENDS:
         try:
-            out[name] = _backend_class(name).unavailable_reason()  # type: ignore[attr-defined]
+            out[name] = _backend_class(name).unavailable_reason()
         except ImportError as exc:
             out[name] = f"{exc}; {INSTALL_HINTS[name]}"
     return out
@@ -149,7 +185,7 @@ def pick_auto(precision: str | None = None) -> tuple[str, str]:
             continue
         try:
             cls = _backend_class(name)
-            why = cls.unavailable_reason() or cls.precision_reason(prec)  # type: ignore[attr-defined]
+            why = cls.unavailable_reason() or cls.precision_reason(prec)
         except ImportError as exc:
             why = f"{exc}; {INSTALL_HINTS[name]}"
         if why is None:
@@ -172,11 +208,11 @@ def get_backend(name: str, package: ModelPackage, precision: str | None = None, 
         precision = precision or auto_precision
         logger.info("backend auto: picked %s at %s", name, precision)
     cls = _backend_class(name)
-    reason = cls.unavailable_reason()  # type: ignore[attr-defined]
+    reason = cls.unavailable_reason()
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} is not available: {reason}; {INSTALL_HINTS[name]}")
     precision = precision or cls.precisions[0]
-    why = cls.precision_reason(precision)  # type: ignore[attr-defined]
+    why = cls.precision_reason(precision)
     if why is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run {precision}: {why}")
     return cls(package, precision, threads)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .base import Backend, BackendUnavailableError
+
+if TYPE_CHECKING:
+    from ..sampling.device_ops import DeviceLayout, DeviceOps
 
 __all__ = ["OrtCpuBackend", "OrtCudaBackend", "OrtTensorrtBackend"]
 
@@ -22,8 +26,7 @@ class _OrtBase(Backend):
     provider = "CPUExecutionProvider"
     ort_device = "cpu"  # where OrtValues of this backend live (onnxruntime's device name)
     device_id = 0
-    # Steps run on the engine's device (diffseg.runtime.device_sampler): x_t and the accumulators stay there.
-    device_loop = True
+    has_device_ops = True  # OrtDeviceOps: the sampler's steps as ONNX graphs on the session's device
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -34,10 +37,6 @@ class _OrtBase(Backend):
         if cls.provider not in providers:
             return f"onnxruntime has no {cls.provider} (providers here: {providers})"
         return None
-
-    @classmethod
-    def precision_reason(cls, precision: str) -> str | None:
-        return None if precision in cls.precisions else f"supported: {list(cls.precisions)}"
 
     def session_options(self):
         import onnxruntime as ort
@@ -55,15 +54,27 @@ class _OrtBase(Backend):
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(str(path), self.session_options(), providers=providers)
-        active = self.session.get_providers()[0]
-        if active != self.provider:
-            raise BackendUnavailableError(f"onnxruntime activated {active}, not the requested {self.provider}")
+        # Every provider asked for must be active, in the order asked: onnxruntime otherwise drops one it cannot
+        # start and runs the graph on the next (or appends the CPU provider behind a GPU one) without a word.
+        wanted = [p if isinstance(p, str) else p[0] for p in providers]
+        active = self.session.get_providers()
+        if active[: len(wanted)] != wanted or active[0] != self.provider:
+            raise BackendUnavailableError(f"onnxruntime activated providers {active}, not the requested {wanted}")
+        self.providers = wanted
 
-    def device_ops(self, layout, clip: float | None):
-        """The device loop's per-step work on this session's device (diffseg.runtime.device_sampler)."""
-        from ..device_sampler import OrtDeviceOps
+    def device_ops(self, layout: DeviceLayout) -> DeviceOps:
+        """The step-major loop's array work on this session's device (:class:`.ort_ops.OrtDeviceOps`)."""
+        from .ort_ops import OrtDeviceOps
 
-        return OrtDeviceOps(self, layout, clip)
+        return OrtDeviceOps(self, layout)
+
+    def run_bound(self, x: Any, t: Any, y: Any) -> None:
+        """One engine call on OrtValues already on the session's device, writing into ``y``."""
+        io = self.session.io_binding()
+        io.bind_ortvalue_input("x", x)
+        io.bind_ortvalue_input("t", t)
+        io.bind_ortvalue_output("y", y)
+        self.session.run_with_iobinding(io)
 
     def helper_providers(self) -> list:
         """Providers for the sampler's small step graphs: the engine's device, without TensorRT (nothing to gain
@@ -78,7 +89,13 @@ class _OrtBase(Backend):
     def describe(self) -> dict:
         import onnxruntime as ort
 
-        return {**super().describe(), "provider": self.provider, "onnxruntime": ort.__version__}
+        # With the TensorRT provider, nodes TensorRT does not take run on the CUDA provider listed behind it.
+        return {
+            **super().describe(),
+            "provider": self.provider,
+            "providers": self.providers,
+            "onnxruntime": ort.__version__,
+        }
 
 
 class OrtCpuBackend(_OrtBase):

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..device_sampler import DeviceLayout, DeviceOps
+from ..sampling.device_ops import DeviceLayout, DeviceOps, step_vector
 from .base import Backend, BackendUnavailableError
 
 __all__ = ["TorchBackend", "TorchDeviceOps"]
@@ -19,7 +19,7 @@ __all__ = ["TorchBackend", "TorchDeviceOps"]
 class TorchBackend(Backend):
     name = "torch"
     precisions = ("fp32", "fp16")
-    device_loop = True
+    has_device_ops = True  # TorchDeviceOps: the sampler's steps as tensor operations on the engine's device
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -112,9 +112,9 @@ class TorchBackend(Backend):
             t_vec = torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
             return self.model(x.half() if self.precision == "fp16" else x, t_vec)
 
-    def device_ops(self, layout: DeviceLayout, clip: float | None) -> TorchDeviceOps:
-        """The device loop's per-step work as tensor operations on this engine's device."""
-        return TorchDeviceOps(self, layout, clip)
+    def device_ops(self, layout: DeviceLayout) -> TorchDeviceOps:
+        """The step-major loop's array work as tensor operations on this engine's device."""
+        return TorchDeviceOps(self, layout)
 
     def close(self) -> None:
         self._graphs.clear()
@@ -124,13 +124,17 @@ class TorchBackend(Backend):
 
 
 class TorchDeviceOps(DeviceOps):
-    """The device loop on torch tensors (CUDA for fp16; the CPU for the fp32 reference and tests). Updates the
-    accumulator and x_t in place; the step computes in float64 as ``diffseg._ext.diffusion_step``."""
+    """The step-major loop on torch tensors (CUDA for fp16; the CPU for the fp32 reference and tests). Updates the
+    accumulator and x_t in place; the step applies the float64 coefficients in double, as ``diffseg._ext``.
 
-    def __init__(self, backend: TorchBackend, layout: DeviceLayout, clip: float | None) -> None:
+    Raises:
+        BackendUnavailableError: a learned-variance model (the host loop runs those).
+    """
+
+    def __init__(self, backend: TorchBackend, layout: DeviceLayout) -> None:
         super().__init__(layout)
         self.torch = torch = backend.torch
-        self.backend, self.clip = backend, clip
+        self.backend = backend
         self.device = torch.device("cuda" if backend.device == "cuda" else "cpu")
         self.weight = self.upload(layout.weight)
         self.scale = self.upload(layout.inv_weight_sum).double()
@@ -139,37 +143,36 @@ class TorchDeviceOps(DeviceOps):
             slice(0, layout.image_channels) if layout.noisy_channel == layout.image_channels else slice(1, None)
         )
         self.rows: dict[int, Any] = {}
-        self.acc = None
+        bg_weight = np.zeros(layout.full, np.float32)
+        if layout.skip_weight is not None:
+            bg_weight[...] = layout.skip_weight
+        self.bg_weight = self.upload(bg_weight)  # Σ weight of the windows not run, per sample
 
     def upload(self, array: np.ndarray):
         return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
-
-    def download(self, value) -> np.ndarray:
-        return value.cpu().numpy()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
 
-    def _region(self, start: list[int]) -> tuple[slice, ...]:
-        return tuple(slice(a, a + p) for a, p in zip(start, self.layout.patch, strict=True))
+    def begin(self, x_init: np.ndarray, image: np.ndarray) -> None:
+        self.x = self.upload(x_init).clone()  # x_t is updated in place: never through the caller's array
+        self.image = self.upload(image)
+        self.acc = self.torch.empty_like(self.x)
 
-    def background(self, x, bg_weight, p: float, q: float):
-        if self.acc is None:
-            self.acc = self.torch.empty_like(x)
-        self.torch.mul(x, p, out=self.acc)
-        self.acc.add_(q).mul_(bg_weight)
-        return self.acc
+    def reset(self, t: int, c_x: float, c_0: float) -> None:
+        self.torch.mul(self.x, c_x, out=self.acc)  # output_for_x0(−1) = c_x·x_t − c_0
+        self.acc.add_(-c_0).mul_(self.bg_weight)
 
-    def gather(self, x, image, starts: np.ndarray):
-        lay, b = self.layout, len(starts)
+    def gather(self, batch: list[int], first: int):
+        lay, b = self.layout, len(batch)
         if b not in self.rows:
             self.rows[b] = self.torch.empty((b, lay.image_channels + 1, *lay.patch), device=self.device)
         rows = self.rows[b]
-        for j, (i, *start) in enumerate(starts.tolist()):
-            region = self._region(start)
-            rows[j, lay.noisy_channel] = x[(i, *region)]
-            rows[j, self.image_channels] = image[(slice(None), *region)]
+        for j, task in enumerate(batch):
+            i, *region = lay.region(task)
+            rows[j, lay.noisy_channel] = self.x[(i, *region)]
+            rows[j, self.image_channels] = self.image[(slice(None), *region)]
         return rows
 
     def engine(self, rows, t: int):
@@ -178,27 +181,34 @@ class TorchDeviceOps(DeviceOps):
         self._sync()
         return y
 
-    def blend(self, acc, y, starts: np.ndarray, x, a_out: float, a_x: float):
-        peaks = self.torch.empty(len(starts), dtype=self.torch.float64, device=self.device)
-        for j, (i, *start) in enumerate(starts.tolist()):
-            region = (i, *self._region(start))
+    def blend(self, y, batch: list[int], t: int, watch: bool, a_out: float, a_x: float):
+        peaks = self.torch.empty(len(batch), dtype=self.torch.float64, device=self.device)
+        for j, task in enumerate(batch):
+            region = self.layout.region(task)
             y_j = y[j, self.layout.prediction_channel].float()
-            acc[region] += y_j * self.weight
-            peaks[j] = (a_out * y_j.double() + a_x * x[region].double()).max()
-        return acc, peaks.cpu().numpy()
+            self.acc[region] += y_j * self.weight
+            if watch:
+                peaks[j] = (a_out * y_j.double() + a_x * self.x[region].double()).max()
+        return peaks.cpu().numpy() if watch else None
 
-    def step(self, acc, x, coef: np.ndarray, noise):
-        a_out, a_x, big_a, big_b, big_c, sigma = coef.tolist()
-        m = acc.double() * self.scale
-        xd = x.double()
+    def step(self, coef: dict[str, Any], noise: np.ndarray | None) -> None:
+        a_out, a_x, big_a, big_b, big_c, sigma = step_vector(coef).tolist()
+        m = self.acc.double() * self.scale
+        xd = self.x.double()
         x0 = a_out * m + a_x * xd
-        if self.clip is not None:
-            x0 = x0.clamp(-self.clip, self.clip)
+        if self.layout.clip is not None:
+            x0 = x0.clamp(-self.layout.clip, self.layout.clip)
         nxt = big_a * x0 + big_b * m + big_c * xd
         if noise is not None:
-            nxt += sigma * noise.double()
+            nxt += sigma * self.upload(noise).double()
         out = nxt.float()
         if self.interior is not None:
             out = self.torch.where(self.interior, out, self.layout.pad_value)
-        x.copy_(out)
-        return x
+        self.x.copy_(out)
+
+    def retire(self, retiring: list[int], live: list[int]) -> None:
+        for task in retiring:
+            self.bg_weight[self.layout.region(task)] += self.weight
+
+    def final_x(self) -> np.ndarray:
+        return self.x.cpu().numpy()

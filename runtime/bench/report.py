@@ -36,6 +36,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     """The terminal summary of a ``run_bench`` report."""
+    lines = _settings_lines(report)
+    lines += ["", "denoiser call by batch size (seconds):"]
+    lines += _denoiser_table(report["denoiser"])
+    lines += ["", "end to end per case (seconds):"]
+    lines += _case_table(report["cases"])
+    mem = report["memory"]
+    lines.append("")
+    lines.append(f"process peak RSS: {mem['process_peak_rss_bytes'] / 2**20:.0f} MiB")
+    if "cuda_peak_allocated_bytes" in mem:
+        lines.append(f"CUDA peak allocated: {mem['cuda_peak_allocated_bytes'] / 2**20:.0f} MiB")
+    return "\n".join(lines)
+
+
+def _settings_lines(report: dict[str, Any]) -> list[str]:
+    """Machine, model and settings, load time, FLOPs and measured peak."""
     m, s = report["machine"], report["settings"]
     flops, peak = report.get("flops") or {}, report.get("peak") or {}
     lines = [
@@ -53,9 +68,13 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"measured peak: {peak['gflops']:.1f} GFLOP/s ({peak['method']})")
     elif peak:
         lines.append(f"measured peak: not available ({peak.get('error')})")
-    lines += ["", "denoiser call by batch size (seconds):"]
+    return lines
+
+
+def _denoiser_table(denoiser: Sequence[dict[str, Any]]) -> list[str]:
+    """One row per batch size: latency percentiles, throughput, GFLOP/s and fraction of peak."""
     rows = []
-    for r in report["denoiser"]:
+    for r in denoiser:
         lat = r["latency_s"]
         rows.append(
             [
@@ -72,10 +91,13 @@ def format_report(report: dict[str, Any]) -> str:
             ]
         )
     header = ["batch", "p50", "p95", "min", "max", "first", "s/patch", "patch/s", "GFLOP/s", "%peak"]
-    lines += _table(header, rows)
-    lines += ["", "end to end per case (seconds):"]
+    return _table(header, rows)
+
+
+def _case_table(cases: Sequence[dict[str, Any]]) -> list[str]:
+    """One row per case: time by stage, overhead, step time, windows run, throughput, memory and Dice."""
     rows = []
-    for c in report["cases"]:
+    for c in cases:
         t = c["timings_s"]
         rows.append(
             [
@@ -107,13 +129,7 @@ def format_report(report: dict[str, Any]) -> str:
         "RSS MB",
         "Dice",
     ]
-    lines += _table(header, rows)
-    mem = report["memory"]
-    lines.append("")
-    lines.append(f"process peak RSS: {mem['process_peak_rss_bytes'] / 2**20:.0f} MiB")
-    if "cuda_peak_allocated_bytes" in mem:
-        lines.append(f"CUDA peak allocated: {mem['cuda_peak_allocated_bytes'] / 2**20:.0f} MiB")
-    return "\n".join(lines)
+    return _table(header, rows)
 
 
 def plot_report(report: dict[str, Any], path: str | Path) -> Path:

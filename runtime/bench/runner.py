@@ -5,8 +5,8 @@ For a loaded :class:`~diffseg.runtime.segmenter.Segmenter`:
 1. load: seconds to load the package and the engine (the factory call), and the engine alone;
 2. denoiser: one engine call at each batch size (``warmup`` untimed calls, the first reported as ``first``, then
    ``repeats`` timed calls): p50, p95, min, max; patches/s and achieved GFLOP/s at each;
-3. per case (phantoms written to NIfTI, or the user's files): the end-to-end run split by stage (read, resample,
-   normalise, sample, postprocess, write), engine seconds and the overhead outside the engine within ``sample``,
+3. per case (phantoms written to NIfTI, or the user's files): the end-to-end run split by stage (read,
+   prepare, sample, postprocess, write), engine seconds and the overhead outside the engine within ``sample``,
    the duration of one sampler step (step-major), throughput in CT voxels/s and patch-forwards/s, the achieved
    GFLOP/s of the engine, and the peak resident memory during the case (and the peak CUDA memory with the torch
    backend);
@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..result import STAGES
 from .machine import machine_info, measure_peak_gflops
 from .timing import PeakRssMonitor, latency_stats, peak_rss_bytes, time_calls
 
@@ -35,8 +36,7 @@ __all__ = ["SCHEMA", "STAGES", "BenchCase", "BenchOptions", "run_bench"]
 
 logger = logging.getLogger("diffseg")
 
-SCHEMA = "diffseg-bench/1"
-STAGES = ("read", "resample", "normalise", "sample", "postprocess", "write")
+SCHEMA = "diffseg-bench/2"
 
 
 @dataclass(frozen=True)
@@ -94,20 +94,6 @@ class BenchOptions:
             raise ValueError(f"seeds must be >= 0, got {list(self.seeds)}")
 
 
-class _TimedRun:
-    """Wraps ``backend.run``: records (start, end, batch, timestep) of every engine call of a case."""
-
-    def __init__(self, run: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
-        self.inner = run
-        self.calls: list[tuple[float, float, int, float]] = []
-
-    def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-        start = time.perf_counter()
-        y = self.inner(x, t)
-        self.calls.append((start, time.perf_counter(), int(x.shape[0]), float(t[0]) if t.size else -1.0))
-        return y
-
-
 def _cuda_memory(backend: Any) -> Any:
     """torch.cuda when the engine is the torch backend on CUDA (other engines allocate outside torch's view)."""
     import sys
@@ -119,14 +105,16 @@ def _cuda_memory(backend: Any) -> Any:
     return torch.cuda if torch.cuda.is_available() else None
 
 
-def step_seconds(calls: list[tuple[float, float, int, float]], steps: int, loop_order: str) -> dict[str, Any] | None:
-    """Duration of each sampler step from the engine-call timestamps (step-major: a step's calls share a timestep).
+def step_seconds(calls: np.ndarray, steps: int, loop_order: str) -> dict[str, Any] | None:
+    """Duration of each sampler step from the sampler's engine log ``[calls, 4]`` (start, end, batch, t): in
+    step-major a step's calls share a timestep.
 
     Step k (k ≥ 2) runs from the end of step k−1's last engine call to the end of its own last call: one full
     sliding-window pass plus one scheduler step. With a single step, its first call's start is used instead.
     """
-    if loop_order != "step_major" or not calls:
+    if loop_order != "step_major" or not len(calls):
         return None
+    calls = calls.tolist()
     ends: list[float] = []
     for k, call in enumerate(calls):
         if k + 1 == len(calls) or calls[k + 1][3] != call[3]:
@@ -174,57 +162,48 @@ def _denoiser_rows(segmenter, options: BenchOptions, flops: int | None, peak: fl
 
 
 def _case_row(segmenter, case: BenchCase, options: BenchOptions, out: Path, flops: int | None) -> dict[str, Any]:
-    from ..outputs import write_case_outputs
+    from ..outputs import WriteOptions
+    from ..pipeline import segment_files
     from ..postprocess import dice
-    from ..preprocess import model_grid_for
     from ..volume import read_volume
 
     backend = segmenter.backend
-    timed = _TimedRun(backend.run)
     cuda = _cuda_memory(backend)
     if cuda is not None:
         cuda.synchronize()
         cuda.reset_peak_memory_stats()
+    write = None if options.write_outputs else WriteOptions(False, False, False, False, report=False)
     start = time.perf_counter()
-    backend.run = timed  # instance attribute over the method: every engine call of this case is timed
-    try:
-        with PeakRssMonitor() as mon:
-            # as `diffseg predict`: read once, segment the volumes, write with the same volumes
-            ct, pet = read_volume(case.ct), read_volume(case.pet)
-            read_s = time.perf_counter() - start
-            result = segmenter.predict(ct, pet)
-            result.timings["read"] = result.timings.get("read", 0.0) + read_s
-            if options.write_outputs:
-                write_start = time.perf_counter()
-                write_case_outputs(result, out / case.name, ct, pet, {"case_id": case.name})
-                result.timings["write"] = time.perf_counter() - write_start
-            del ct, pet
-    finally:
-        del backend.run
+    with PeakRssMonitor() as mon:  # as `diffseg predict`: the one pipeline, read to write
+        case_output = segment_files(segmenter, case.ct, case.pet, out / case.name, case_id=case.name, write=write)
     wall = time.perf_counter() - start
-    timings = {k: float(result.timings.get(k, 0.0)) for k in STAGES if k in result.timings}
+    result = case_output.result
+    timings = {k: float(result.timings[k]) for k in STAGES if k in result.timings}
+    if options.write_outputs:
+        timings["write"] = case_output.write_seconds
     total = sum(timings.values())
-    engine_s = sum(call[1] - call[0] for call in timed.calls)
-    forwards = sum(call[2] for call in timed.calls)
+    counts = result.counts
+    engine_s, forwards = counts.engine_seconds, counts.patch_forwards
     sample_s = timings.get("sample", 0.0)
     ct_shape = tuple(result.mask.shape)  # every output is on the CT's grid
-    model_shape = model_grid_for(result.mask, segmenter.package.manifest.spacing_mm).shape
+    model_shape = model_grid_shape(result.mask, segmenter.package.manifest.spacing_mm)
     row: dict[str, Any] = {
         "case": case.name,
         "ct_shape": list(ct_shape),
         "model_grid_shape": list(model_shape),
-        "windows": result.windows,
-        "windows_skipped": result.windows_skipped,
-        "retired": result.retired,
-        "engine_calls": result.engine_calls,
+        "windows": counts.windows,
+        "windows_skipped": counts.windows_skipped,
+        "retired": counts.retired,
+        "engine_calls": counts.engine_calls,
         "patch_forwards": forwards,
         "timings_s": timings,
         "total_s": total,
         "wall_s": wall,
         "engine_s": engine_s,
-        "overhead_s": sample_s - engine_s,
+        "sampler_s": counts.sampler_seconds,
+        "overhead_s": sample_s - engine_s,  # the sample stage outside the engine (the loop and its set-up)
         "overhead_fraction": (sample_s - engine_s) / sample_s if sample_s > 0 else None,
-        "step_s": step_seconds(timed.calls, segmenter.sampler_options.steps, segmenter.loop_order),
+        "step_s": step_seconds(result.engine_log, result.options.sampler.steps, result.options.loop_order),
         "ct_voxels_per_s": int(np.prod(ct_shape)) / total if total > 0 else None,
         "model_voxels_per_s": int(np.prod(model_shape)) / sample_s if sample_s > 0 else None,
         "patch_forwards_per_s": forwards / sample_s if sample_s > 0 else None,
@@ -233,6 +212,7 @@ def _case_row(segmenter, case: BenchCase, options: BenchOptions, out: Path, flop
         "peak_rss_bytes": mon.peak_bytes,
         "rss_before_bytes": mon.start_bytes,
         "lesions": len(result.lesions),
+        "device_loop": result.options.device_loop,
     }
     if cuda is not None:
         row["cuda_peak_allocated_bytes"] = int(cuda.max_memory_allocated())
@@ -241,6 +221,12 @@ def _case_row(segmenter, case: BenchCase, options: BenchOptions, out: Path, flop
         row["dice"] = dice(result.mask.array, read_volume(case.truth).array)
     logger.info("case %s: %.2f s end to end (%d patch forwards)", case.name, total, forwards)
     return row
+
+
+def model_grid_shape(ct, spacing_mm: float) -> tuple[int, ...]:
+    from ..preprocess import model_grid_for
+
+    return model_grid_for(ct, spacing_mm).shape
 
 
 def run_bench(

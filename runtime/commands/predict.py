@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import time
 from pathlib import Path
 
 DESCRIPTION = """Segment tumours in PET/CT.
@@ -39,7 +37,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
     parser.add_argument("--min-lesion-ml", type=float, help="drop lesions smaller than this (ml)")
     parser.add_argument("--loop-order", choices=["step-major", "window-major"], default="step-major")
-    parser.add_argument("--batch-size", type=int, help="windows x samples per engine call (default 2 x samples)")
+    parser.add_argument("--batch-size", type=int, help="windows x samples per engine call, >= 1 (default 2 x samples)")
     parser.add_argument("--no-skip", action="store_true", help="run every window, even without candidate tissue")
     parser.add_argument(
         "--retire-after",
@@ -89,20 +87,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-parts", type=int, default=1, help="split the cohort into this many parts")
     parser.add_argument("--part-id", type=int, default=0, help="which part this process runs (0-based)")
     parser.add_argument("--overwrite", action="store_true", help="redo cases that already have a report.json")
+    parser.add_argument(
+        "--force-units",
+        action="store_true",
+        help="DICOM: use implausible SUV attributes (dose, weight, half-life, times) as written instead of refusing "
+        "the case; each override is recorded in report.json",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_arguments(parser)
 
 
-def segment_case(segmenter, case, out_dir: Path, progress: bool, label: str) -> dict:
-    """Load, segment and write one case; returns the report."""
+def segment_case(segmenter, case, out_dir: Path, progress: bool, label: str, force_units: bool = False) -> dict:
+    """One case through the pipeline with a progress bar of engine calls; returns the report."""
     from tqdm import tqdm
 
-    from diffseg.runtime.cases import load_case
-    from diffseg.runtime.outputs import write_case_outputs
+    from diffseg.runtime.pipeline import segment_files
 
-    t0 = time.perf_counter()
-    loaded = load_case(case.ct, case.pet)
-    read_s = time.perf_counter() - t0
     bar = tqdm(desc=f"{label} engine calls", unit="call", leave=False, disable=not progress)
     last = 0
 
@@ -112,19 +112,12 @@ def segment_case(segmenter, case, out_dir: Path, progress: bool, label: str) -> 
         last = n
 
     try:
-        result = segmenter.predict(loaded.ct, loaded.pet, progress=tick)
+        output = segment_files(
+            segmenter, case.ct, case.pet, out_dir, case_id=case.case_id, progress=tick, force_units=force_units
+        )
+        return output.report
     finally:
         bar.close()
-    result.timings["read"] = result.timings.get("read", 0.0) + read_s
-    extra = {"case_id": case.case_id, "inputs": {"ct": str(case.ct), "pet": str(case.pet) if case.pet else None}}
-    if loaded.study is not None:
-        from diffseg.runtime.dicom import write_lesion_table, write_seg
-
-        seg = write_seg(result.mask, loaded.study, out_dir / "seg.dcm")
-        write_lesion_table(result.lesions, loaded.study, out_dir / "lesions_dicom.json")
-        extra["dicom_seg"] = seg.name
-    paths = write_case_outputs(result, out_dir, loaded.ct, loaded.pet, extra)
-    return json.loads(paths["report"].read_text())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.input is None:
         segmenter = make_segmenter(args)
-        report = segment_case(segmenter, Case("case", args.ct, args.pet), args.output, not args.no_progress, "case")
+        case = Case("case", args.ct, args.pet)
+        report = segment_case(segmenter, case, args.output, not args.no_progress, "case", args.force_units)
         print(
             f"{args.output}: {report['lesion_count']} lesion(s), {report['total_volume_ml']:.2f} ml; "
             f"backend {report['settings']['backend']} {report['settings']['precision']}; "
@@ -162,7 +156,9 @@ def run(args: argparse.Namespace) -> int:
     failures = {}
     for case in tqdm(todo, desc="cases", unit="case", disable=args.no_progress):
         try:
-            segment_case(segmenter, case, args.output / case.case_id, not args.no_progress, case.case_id)
+            segment_case(
+                segmenter, case, args.output / case.case_id, not args.no_progress, case.case_id, args.force_units
+            )
         except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
             logger.error("case %s failed: %s", case.case_id, exc)
             print(f"case {case.case_id} FAILED: {exc}")

@@ -103,7 +103,30 @@ def sort_slices(
     iop = np.stack([_floats(o, 6, "ImageOrientationPatient", name) for o in orientations])
     ipp = np.stack([_floats(p, 3, "ImagePositionPatient", name) for p in positions])
     spacing = np.stack([_floats(s, 2, "PixelSpacing", name) for s in pixel_spacings])
+    row, col, normal = _plane_axes(iop, name, opt)
+    worst = int(np.argmax(np.abs(spacing - spacing[0]).max(axis=1)))
+    if np.abs(spacing[worst] - spacing[0]).max() > opt.spacing_rtol * spacing[0].min():
+        raise DicomInputError(
+            f"{name}: inconsistent PixelSpacing: slice 0 has {spacing[0].tolist()} mm, "
+            f"slice {worst} has {spacing[worst].tolist()} mm"
+        )
+    d = ipp @ normal
+    order = np.argsort(d, kind="stable")
+    d_sorted, ipp_sorted = d[order], ipp[order]
+    step = _slice_step(d_sorted, ipp_sorted, order, name, opt)
+    _check_not_tilted(d_sorted, ipp_sorted, normal, name, opt)
+    direction = np.stack([row, col, normal], axis=1)
+    return SliceStack(
+        order=order,
+        origin=tuple(float(v) for v in ipp_sorted[0]),
+        spacing=(float(spacing[0, 1]), float(spacing[0, 0]), step),
+        direction=tuple(float(v) for v in direction.ravel()),
+    )
 
+
+def _plane_axes(iop: np.ndarray, name: str, opt: GeometryOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row direction r, column direction c (made exactly orthonormal) and normal n = r × c of the slices, checked
+    to be the same on every slice and made of orthogonal unit vectors."""
     worst = int(np.argmax(np.abs(iop - iop[0]).max(axis=1)))
     if np.abs(iop[worst] - iop[0]).max() > opt.orientation_atol:
         raise DicomInputError(
@@ -121,18 +144,14 @@ def sort_slices(
     row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
     col = col - (row @ col) * row
     col /= np.linalg.norm(col)
-    normal = np.cross(row, col)
+    return row, col, np.cross(row, col)
 
-    worst = int(np.argmax(np.abs(spacing - spacing[0]).max(axis=1)))
-    if np.abs(spacing[worst] - spacing[0]).max() > opt.spacing_rtol * spacing[0].min():
-        raise DicomInputError(
-            f"{name}: inconsistent PixelSpacing: slice 0 has {spacing[0].tolist()} mm, "
-            f"slice {worst} has {spacing[worst].tolist()} mm"
-        )
 
-    d = ipp @ normal
-    order = np.argsort(d, kind="stable")
-    d_sorted, ipp_sorted = d[order], ipp[order]
+def _slice_step(
+    d_sorted: np.ndarray, ipp_sorted: np.ndarray, order: np.ndarray, name: str, opt: GeometryOptions
+) -> float:
+    """The slice step (mm), the median of the sorted positions' steps along the normal, checked to be uniform and
+    free of duplicates."""
     steps = np.diff(d_sorted)
     dup = np.nonzero(steps < opt.duplicate_mm)[0]
     if dup.size:
@@ -157,6 +176,13 @@ def sort_slices(
             f"along the normal is {steps[k]:.3f} mm, the median step is {step:.3f} mm ({bad.size} irregular "
             "step(s))"
         )
+    return step
+
+
+def _check_not_tilted(
+    d_sorted: np.ndarray, ipp_sorted: np.ndarray, normal: np.ndarray, name: str, opt: GeometryOptions
+) -> None:
+    """Refuse a stack whose positions leave the line through the first one along the normal (tilt or shear)."""
     lateral = (ipp_sorted - ipp_sorted[0]) - np.outer(d_sorted - d_sorted[0], normal)
     offset = np.linalg.norm(lateral, axis=1)
     if offset.max() > opt.tilt_mm:
@@ -167,13 +193,6 @@ def sort_slices(
             f"plane over {height:.1f} mm along the normal (about {angle:.1f}°); resample it to an orthogonal "
             "grid first"
         )
-    direction = np.stack([row, col, normal], axis=1)
-    return SliceStack(
-        order=order,
-        origin=tuple(float(v) for v in ipp_sorted[0]),
-        spacing=(float(spacing[0, 1]), float(spacing[0, 0]), step),
-        direction=tuple(float(v) for v in direction.ravel()),
-    )
 
 
 def align_to_grid(volume: Volume, reference: Volume, tol: float = 1e-3) -> Volume:

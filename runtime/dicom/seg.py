@@ -171,20 +171,7 @@ def write_seg(
             f"write_seg: {'probability' if fractional else 'mask'} is not on the CT grid of study "
             f"{study.study_instance_uid}: {exc}"
         ) from None
-    array = on_ct.array
-    sources = list(study.ct_headers)
-    if len(sources) != array.shape[0]:
-        raise ValueError(f"study has {len(sources)} CT headers for {array.shape[0]} CT slices")
-    omit_empty = True
-    if not np.any(array):
-        if opt.empty == "error":
-            raise ValueError(
-                f"write_seg: the {'probability' if fractional else 'mask'} is empty (SegOptions.empty is 'error')"
-            )
-        omit_empty = False
-        if opt.empty == "single_frame":
-            sources, array = sources[:1], array[:1]
-        logger.info("empty result: SEG written with %d empty frame(s)", array.shape[0])
+    sources, array, omit_empty = _frames_to_write(on_ct.array, list(study.ct_headers), opt, fractional)
     kind = hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY
     extra = {}
     if fractional:
@@ -215,6 +202,26 @@ def write_seg(
         seg.save_as(tmp)
     logger.info("wrote %s SEG with %d frame(s) to %s", kind.value, int(seg.NumberOfFrames), path)
     return path
+
+
+def _frames_to_write(
+    array: np.ndarray, sources: list, opt: SegOptions, fractional: bool
+) -> tuple[list, np.ndarray, bool]:
+    """The CT slices, the frames on them and ``omit_empty_frames`` for highdicom; an empty result as
+    ``opt.empty`` says (one empty frame, one per slice, or ValueError)."""
+    if len(sources) != array.shape[0]:
+        raise ValueError(f"study has {len(sources)} CT headers for {array.shape[0]} CT slices")
+    omit_empty = True
+    if not np.any(array):
+        if opt.empty == "error":
+            raise ValueError(
+                f"write_seg: the {'probability' if fractional else 'mask'} is empty (SegOptions.empty is 'error')"
+            )
+        omit_empty = False
+        if opt.empty == "single_frame":
+            sources, array = sources[:1], array[:1]
+        logger.info("empty result: SEG written with %d empty frame(s)", array.shape[0])
+    return sources, array, omit_empty
 
 
 def _frame_item(ds, i: int, keyword: str):

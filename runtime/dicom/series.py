@@ -82,12 +82,15 @@ def _rescale(ds: Dataset, name: str, path) -> tuple[float, float]:
     return slope, intercept
 
 
-def read_series(series: SeriesInfo, options: LoadOptions | None = None) -> LoadedSeries:
+def read_series(series: SeriesInfo, options: LoadOptions | None = None, *, force_units: bool = False) -> LoadedSeries:
     """Load a series with its sorted headers (see ``load_series``).
 
     Args:
         series: from ``scan_dicom_folder``.
         options: tolerances and PET handling; ``None`` uses the defaults.
+        force_units: PET to SUVbw: use PatientWeight, RadionuclideTotalDose, RadionuclideHalfLife and the
+            injection-to-scan time as written even when implausible (see ``suv_conversion``); each such value
+            is logged and listed in ``LoadedSeries.suv.overrides``.
 
     Returns:
         A ``LoadedSeries``.
@@ -95,7 +98,8 @@ def read_series(series: SeriesInfo, options: LoadOptions | None = None) -> Loade
     Raises:
         DicomInputError: broken files in the series, slice geometry problems (see ``sort_slices``), slices of
             different size, photometric interpretation other than MONOCHROME2, pixels that cannot be decoded,
-            or (PET) an attribute needed for SUVbw missing. Messages name the series.
+            or (PET) an attribute needed for SUVbw missing or, without ``force_units``, implausible. Messages
+            name the series.
     """
     opt = options or LoadOptions()
     name = series.describe()
@@ -117,7 +121,8 @@ def read_series(series: SeriesInfo, options: LoadOptions | None = None) -> Loade
     )
     order = [int(i) for i in stack.order]
     ordered = tuple(headers[i] for i in order)
-    suv = suv_conversion(ordered, name) if series.modality == "PT" and opt.pet_suv else None
+    pet_suv = series.modality == "PT" and opt.pet_suv
+    suv = suv_conversion(ordered, name, force_units=force_units) if pet_suv else None
     rows, cols = sizes.pop()
     shape = (len(order), rows, cols)
     # int16 while every slice is exact (integer stored values, slope and intercept, in range), else float32.
@@ -152,12 +157,13 @@ def read_series(series: SeriesInfo, options: LoadOptions | None = None) -> Loade
     return LoadedSeries(volume=volume, headers=ordered, series=series, suv=suv)
 
 
-def load_series(series: SeriesInfo, options: LoadOptions | None = None) -> Volume:
+def load_series(series: SeriesInfo, options: LoadOptions | None = None, *, force_units: bool = False) -> Volume:
     """Load a series as a ``Volume``: sorted along the slice normal, rescaled per slice, PET in SUVbw.
 
     Args:
         series: from ``scan_dicom_folder``.
         options: tolerances and PET handling; ``None`` uses the defaults.
+        force_units: see ``read_series``; the overrides are only logged here (``read_series`` returns them).
 
     Returns:
         The volume; CT in HU (int16 when every slice's values are exact integers in range, else float32),
@@ -166,4 +172,4 @@ def load_series(series: SeriesInfo, options: LoadOptions | None = None) -> Volum
     Raises:
         DicomInputError: see ``read_series``.
     """
-    return read_series(series, options).volume
+    return read_series(series, options, force_units=force_units).volume

@@ -86,6 +86,9 @@ class PetCtStudy:
         suv: how the PET was converted to SUVbw.
         ct_series: the CT ``SeriesInfo`` (files).
         pet_series: the PET ``SeriesInfo`` (files).
+        overrides: what was used as written although implausible, because the caller asked (``force_units``):
+            one line each naming the series, attribute, file, value and plausible range, for the run report;
+            empty when nothing was forced.
     """
 
     ct: Volume
@@ -100,6 +103,7 @@ class PetCtStudy:
     suv: SuvConversion = field(repr=False)
     ct_series: SeriesInfo = field(repr=False)
     pet_series: SeriesInfo = field(repr=False)
+    overrides: tuple[str, ...] = ()
 
 
 def _patient(ct: Dataset, pet: Dataset) -> PatientInfo:
@@ -135,6 +139,8 @@ def read_pet_ct(
     source: str | Path | tuple[str | Path, str | Path],
     rules: PetCtRules | None = None,
     options: LoadOptions | None = None,
+    *,
+    force_units: bool = False,
 ) -> PetCtStudy:
     """Read the CT and the PET of one PET/CT study.
 
@@ -144,6 +150,10 @@ def read_pet_ct(
         rules: series selection; ``None`` uses an axial CT and an axial attenuation-corrected PET of the same
             study and frame of reference (``PetCtRules()``).
         options: slice-geometry tolerances; PET is always converted to SUVbw here.
+        force_units: use the PET's PatientWeight, RadionuclideTotalDose, RadionuclideHalfLife and
+            injection-to-scan time as written even when outside their plausible ranges
+            (``diffseg.runtime.dicom.plausibility.PLAUSIBLE_RANGES``); each such value is logged as a warning and listed
+            in ``PetCtStudy.overrides``. False (default): such a study is refused.
 
     Returns:
         A ``PetCtStudy``.
@@ -152,7 +162,9 @@ def read_pet_ct(
         FileNotFoundError: a folder does not exist.
         DicomInputError: unreadable files (see ``PetCtRules.allow_broken_files``), no or ambiguous series,
             several studies in one folder, CT and PET from different studies or frames of reference, slice
-            geometry problems, or PET attributes for SUVbw missing.
+            geometry problems, or PET attributes for SUVbw missing or, without ``force_units``, implausible
+            (e.g. RadionuclideTotalDose in MBq, PatientWeight in g: the message names the file, the attribute,
+            the value and the plausible range).
     """
     rules = rules or PetCtRules()
     opt = options or LoadOptions()
@@ -185,7 +197,7 @@ def read_pet_ct(
             "PetCtRules(same_frame_of_reference=False) to accept"
         )
     ct = read_series(ct_info, opt)
-    pet = read_series(pet_info, opt)
+    pet = read_series(pet_info, opt, force_units=force_units)
     if pet.suv is None:  # unreachable with pet_suv=True and Modality PT
         raise DicomInputError(f"{pet_info.describe()}: no SUV conversion")
     return PetCtStudy(
@@ -201,4 +213,5 @@ def read_pet_ct(
         suv=pet.suv,
         ct_series=ct_info,
         pet_series=pet_info,
+        overrides=pet.suv.overrides,
     )

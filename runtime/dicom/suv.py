@@ -18,6 +18,12 @@ where D_ref is the dose decayed to the time A refers to:
 
 Only ``Units BQML`` is converted (``GML`` is SUVbw already); ``CorrectedImage`` must hold ``ATTN``, and
 ``DECY`` unless DecayCorrection is NONE. Anything missing is refused with the attribute's name.
+
+Every quantitative attribute that enters SUVbw is checked against the plausible range in ``PLAUSIBLE_RANGES``
+(:mod:`.plausibility`; the usual failure is a unit slip: MBq written for Bq, grams for kg, which silently scales
+every SUV by 10⁶ or 10³). A value outside is refused with the file, the attribute and the value, unless the caller
+passes ``force_units=True``: the value is then used as written, a warning is logged and the override is listed in
+``SuvConversion.overrides`` for the run report.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from .errors import DicomInputError
+from .plausibility import PLAUSIBLE_RANGES, check_plausible
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -54,6 +61,8 @@ class SuvConversion:
             ADMIN, None for NONE: per slice).
         half_life_s: RadionuclideHalfLife.
         factors: one factor per slice, in the order of the headers given (g/Bq: ml·SUV per Bq).
+        overrides: values outside ``PLAUSIBLE_RANGES`` used as written because ``force_units`` was given,
+            one line each (series, attribute, file, value, range) for the run report; empty otherwise.
     """
 
     units: str
@@ -64,6 +73,7 @@ class SuvConversion:
     reference_time: datetime | None
     half_life_s: float
     factors: tuple[float, ...]
+    overrides: tuple[str, ...] = ()
 
 
 _TM = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?$")
@@ -155,22 +165,29 @@ def _injection_time(info: Dataset, first: Dataset, scan: datetime | None, name: 
     return injection
 
 
-def suv_conversion(headers: Sequence[Dataset], name: str = "PET series") -> SuvConversion:
+def suv_conversion(headers: Sequence[Dataset], name: str = "PET series", *, force_units: bool = False) -> SuvConversion:
     """The SUVbw factors of a PET series, one per slice.
 
     Args:
         headers: the PET slices' datasets (pixel data not needed), in any order; factors come in this order.
         name: the series, as messages should name it.
+        force_units: use PatientWeight, RadionuclideTotalDose, RadionuclideHalfLife and the injection-to-scan
+            time as written even when outside ``PLAUSIBLE_RANGES``: each such value is logged as a warning and
+            listed in ``SuvConversion.overrides``. False (default): such a value is refused.
 
     Returns:
         A ``SuvConversion``; ``value · factors[i]`` is the SUVbw of slice ``i``.
 
     Raises:
+        TypeError: ``force_units`` is not a bool.
         DicomInputError: Units other than BQML/GML, CorrectedImage without ATTN (or DECY), an unknown
             DecayCorrection, or a missing/invalid PatientWeight, RadiopharmaceuticalInformationSequence,
-            RadionuclideTotalDose, RadionuclideHalfLife, injection or scan time. The message names the
-            attribute.
+            RadionuclideTotalDose, RadionuclideHalfLife, injection or scan time; without ``force_units``, one
+            of them outside ``PLAUSIBLE_RANGES`` (the message names the file, the attribute, the value and the
+            range). The message names the attribute.
     """
+    if not isinstance(force_units, bool):
+        raise TypeError(f"force_units must be True or False, got {force_units!r}")
     if not headers:
         raise DicomInputError(f"{name}: no slices")
     first = headers[0]
@@ -179,6 +196,31 @@ def suv_conversion(headers: Sequence[Dataset], name: str = "PET series") -> SuvC
     if units == "GML":
         logger.info("%s: Units GML, values are SUVbw already", name)
         return SuvConversion("GML", str(first.get("DecayCorrection", "")), 0.0, 0.0, None, None, 0.0, (1.0,) * n)
+    decay = _checked_decay_correction(first, units, name)
+    overrides: list[str] = []
+
+    def check(key: str, value: float, attribute: str, shown: str, ds: Dataset) -> None:
+        check_plausible(key, value, attribute, shown, ds, name, force_units, overrides)
+
+    weight, dose, half_life, info = _dose_inputs(first, name, check)
+    acquired, scan, scan_source, injection = _scan_and_injection_times(headers, info, name)
+    decayed = _DoseDecay(name, check, weight, dose, half_life, injection, _injection_source(info))
+    if decay == "START":
+        factors = _start_factors(decayed, headers, acquired, scan, scan_source)
+        return SuvConversion(units, decay, weight, dose, injection, scan, half_life, factors, tuple(overrides))
+    if decay == "ADMIN":  # decay-corrected to the injection: the times do not enter SUVbw
+        factors = (decayed.factor(None),) * n
+        return SuvConversion(units, decay, weight, dose, injection, injection, half_life, factors, tuple(overrides))
+    factors = _per_slice_factors(decayed, headers, acquired)
+    return SuvConversion(units, decay, weight, dose, injection, None, half_life, factors, tuple(overrides))
+
+
+#: ``check(key, value, attribute, shown, ds)``: :func:`~.plausibility.check_plausible` for one series.
+_Check = Callable[[str, float, str, str, "Dataset"], None]
+
+
+def _checked_decay_correction(first: Dataset, units: str, name: str) -> str:
+    """DecayCorrection of a series that is BQML, attenuation corrected and (unless NONE) decay corrected."""
     if units != "BQML":
         raise DicomInputError(
             f"{name}: Units is {units or 'missing'!r}; SUVbw is computed from BQML only "
@@ -194,7 +236,14 @@ def suv_conversion(headers: Sequence[Dataset], name: str = "PET series") -> SuvC
         raise DicomInputError(f"{name}: DecayCorrection is {decay or 'missing'!r}; expected START, ADMIN or NONE")
     if decay != "NONE" and "DECY" not in corrected:
         raise DicomInputError(f"{name}: DecayCorrection {decay} but CorrectedImage {sorted(corrected)} lacks DECY")
+    return decay
+
+
+def _dose_inputs(first: Dataset, name: str, check: _Check) -> tuple[float, float, float, Dataset]:
+    """PatientWeight (kg), RadionuclideTotalDose (Bq) and RadionuclideHalfLife (s), each checked, and the
+    RadiopharmaceuticalInformationSequence item that holds the last two."""
     weight = _positive(first, "PatientWeight", name)
+    check("PatientWeight", weight, "PatientWeight", f"{weight:g} kg", first)
     sequence = first.get("RadiopharmaceuticalInformationSequence")
     if not sequence:
         raise DicomInputError(
@@ -203,16 +252,24 @@ def suv_conversion(headers: Sequence[Dataset], name: str = "PET series") -> SuvC
     info = sequence[0]
     where = " in RadiopharmaceuticalInformationSequence"
     dose = _positive(info, "RadionuclideTotalDose", name, where)
+    check("RadionuclideTotalDose", dose, f"RadionuclideTotalDose{where}", f"{dose:g} Bq", first)
     half_life = _positive(info, "RadionuclideHalfLife", name, where)
-    if dose < 1.0e5:
-        logger.warning("%s: RadionuclideTotalDose %.4g Bq is below 0.1 MBq: MBq written where Bq is due?", name, dose)
+    check("RadionuclideHalfLife", half_life, f"RadionuclideHalfLife{where}", f"{half_life:g} s", first)
+    return weight, dose, half_life, info
+
+
+def _scan_and_injection_times(
+    headers: Sequence[Dataset], info: Dataset, name: str
+) -> tuple[list[datetime | None], datetime | None, str, datetime]:
+    """Each slice's acquisition time, the scan start and the attributes it comes from, and the injection time."""
+    first = headers[0]
     try:
         acquired = [_acquisition_time(ds) for ds in headers]
         series_time = parse_dicom_datetime(first.get("SeriesDate"), first.get("SeriesTime"))
         earliest = min((t for t in acquired if t is not None), default=None)
-        scan = series_time
+        scan, scan_source = series_time, "SeriesDate/SeriesTime"
         if series_time is None or (earliest is not None and series_time > earliest):
-            scan = earliest
+            scan, scan_source = earliest, "AcquisitionDate/AcquisitionTime"
             if series_time is not None:
                 logger.info(
                     "%s: SeriesTime is after the first AcquisitionTime (post-processed series): "
@@ -225,30 +282,109 @@ def suv_conversion(headers: Sequence[Dataset], name: str = "PET series") -> SuvC
         if isinstance(exc, DicomInputError):
             raise
         raise DicomInputError(f"{name}: {exc}") from None
-    lam = math.log(2.0) / half_life
+    return acquired, scan, scan_source, injection
 
-    def factor(reference: datetime) -> float:
-        elapsed = (reference - injection).total_seconds()
-        if elapsed < 0:
-            raise DicomInputError(f"{name}: decay reference time {reference} is before the injection {injection}")
-        return weight * 1000.0 / (dose * 2.0 ** (-elapsed / half_life))
 
-    if decay == "START":
-        if scan is None:
+def _injection_source(info: Dataset) -> str:
+    """The attribute the injection time is read from, for messages."""
+    return (
+        "RadiopharmaceuticalStartDateTime"
+        if info.get("RadiopharmaceuticalStartDateTime")
+        else "RadiopharmaceuticalStartTime"
+    )
+
+
+@dataclass(frozen=True)
+class _DoseDecay:
+    """The injected dose of a series and its decay: what turns a decay reference time into an SUVbw factor."""
+
+    name: str
+    check: _Check
+    weight: float
+    dose: float
+    half_life: float
+    injection: datetime
+    injection_source: str
+
+    def elapsed_s(self, reference: datetime) -> float:
+        return (reference - self.injection).total_seconds()
+
+    def check_uptake(self, elapsed: float, reference: datetime, source: str, ds: Dataset, note: str = "") -> None:
+        half_life = self.half_life
+        shown = (
+            f"{elapsed:g} s ({elapsed / 3600.0:.3g} h, {elapsed / half_life:.3g} half-lives of {half_life:g} s{note})"
+        )
+        attribute = f"the time from {self.injection_source} ({self.injection}) to {source} ({reference})"
+        self.check("uptake", elapsed / half_life, attribute, shown, ds)
+
+    def factor(self, reference: datetime | None) -> float:
+        """``W · 1000 / D_ref``, D decayed to ``reference`` (None: not decayed, ADMIN)."""
+        weight, dose, half_life = self.weight, self.dose, self.half_life
+        elapsed = 0.0 if reference is None else self.elapsed_s(reference)
+        try:
+            if reference is None:
+                value = weight * 1000.0 / dose
+            else:
+                value = weight * 1000.0 / (dose * 2.0 ** (-elapsed / half_life))
+        except (OverflowError, ZeroDivisionError):  # 2^(-x) under- or overflows: only with forced values
+            value = math.inf
+        if not math.isfinite(value) or value <= 0:
             raise DicomInputError(
-                f"{name}: SeriesDate/SeriesTime and AcquisitionDate/Time are missing: "
-                "no decay reference time for DecayCorrection START"
+                f"{self.name}: the SUVbw factor of PatientWeight {weight:g} kg, RadionuclideTotalDose {dose:g} Bq, "
+                f"RadionuclideHalfLife {half_life:g} s and {elapsed:g} s from injection to the decay reference "
+                "is not a finite number: these values cannot be used, even with force_units"
             )
-        return SuvConversion(units, decay, weight, dose, injection, scan, half_life, (factor(scan),) * n)
-    if decay == "ADMIN":
-        return SuvConversion(units, decay, weight, dose, injection, injection, half_life, (weight * 1000.0 / dose,) * n)
-    factors = []
-    for i, (ds, t0) in enumerate(zip(headers, acquired, strict=True)):
+        return value
+
+
+def _start_factors(
+    decayed: _DoseDecay,
+    headers: Sequence[Dataset],
+    acquired: list[datetime | None],
+    scan: datetime | None,
+    scan_source: str,
+) -> tuple[float, ...]:
+    """DecayCorrection START: one factor for every slice, the dose decayed to the scan start."""
+    if scan is None:
+        raise DicomInputError(
+            f"{decayed.name}: SeriesDate/SeriesTime and AcquisitionDate/Time are missing: "
+            "no decay reference time for DecayCorrection START"
+        )
+    source_ds = headers[0] if scan_source == "SeriesDate/SeriesTime" else headers[acquired.index(scan)]
+    decayed.check_uptake(decayed.elapsed_s(scan), scan, scan_source, source_ds)
+    return (decayed.factor(scan),) * len(headers)
+
+
+def _per_slice_factors(
+    decayed: _DoseDecay, headers: Sequence[Dataset], acquired: list[datetime | None]
+) -> tuple[float, ...]:
+    """DecayCorrection NONE: each slice's factor, the dose decayed to its acquisition, corrected for decay over its
+    frame."""
+    name, half_life, n = decayed.name, decayed.half_life, len(headers)
+    lam = math.log(2.0) / half_life
+    times: list[datetime] = []
+    for i, t0 in enumerate(acquired):
         if t0 is None:
             raise DicomInputError(
                 f"{name}: slice {i} has no AcquisitionDate/AcquisitionTime, needed with DecayCorrection NONE"
             )
+        times.append(t0)
+    uptake = PLAUSIBLE_RANGES["uptake"]
+    outside = [i for i, t0 in enumerate(times) if not uptake.low <= decayed.elapsed_s(t0) / half_life <= uptake.high]
+    if outside:  # checked (refused or recorded) once, at the first such slice
+        i = outside[0]
+        note = f"; {len(outside)} of {n} slices outside" if len(outside) > 1 else ""
+        source = f"AcquisitionDate/AcquisitionTime of slice {i}"
+        decayed.check_uptake(decayed.elapsed_s(times[i]), times[i], source, headers[i], note)
+    per_slice = []
+    for i, (ds, t0) in enumerate(zip(headers, times, strict=True)):
         duration_s = _positive(ds, "ActualFrameDuration", name, f" of slice {i}") / 1000.0
         lam_d = lam * duration_s
-        factors.append(factor(t0) * lam_d / -math.expm1(-lam_d))
-    return SuvConversion(units, decay, weight, dose, injection, None, half_life, tuple(factors))
+        value = decayed.factor(t0) * lam_d / -math.expm1(-lam_d)
+        if not math.isfinite(value):  # only with forced values (a huge λΔ)
+            raise DicomInputError(
+                f"{name}: the SUVbw factor of slice {i} (RadionuclideHalfLife {half_life:g} s, ActualFrameDuration "
+                f"{duration_s:g} s) is not a finite number: these values cannot be used, even with force_units"
+            )
+        per_slice.append(value)
+    return tuple(per_slice)

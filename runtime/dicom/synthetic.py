@@ -268,42 +268,54 @@ def _write_pet(phantom: Phantom, out: Path, opt: SyntheticDicomOptions) -> tuple
         ds.ImageIndex = k + 1
         ds.AcquisitionNumber = 1
         ds.ImageType = ["ORIGINAL", "PRIMARY"]
-        # PET Series module.
-        ds.Units = "BQML"
-        ds.CountsSource = "EMISSION"
-        ds.SeriesType = ["STATIC", "IMAGE"]
-        ds.CorrectedImage = ["DECY", "ATTN", "SCAT", "DTIM", "RAN", "NORM"]
-        ds.DecayCorrection = "START"
-        ds.RandomsCorrectionMethod = "DLYD"
-        ds.AttenuationCorrectionMethod = "CT-based"
-        ds.ReconstructionMethod = "OSEM"
-        ds.CollimatorType = "NONE"
-        ds.NumberOfSlices = int(pet.shape[0])
-        # PET Isotope and NM/PET Patient Orientation modules.
-        ds.RadiopharmaceuticalInformationSequence = [_isotope(opt)]
-        ds.PatientOrientationCodeSequence = [orientation]
-        ds.PatientGantryRelationshipCodeSequence = [_code("102540008", "SCT", "headfirst")]
-        # PET Image module.
-        ds.FrameReferenceTime = "0"
-        ds.ActualFrameDuration = round(opt.frame_duration_s * 1000.0)
-        ds.DecayFactor = _ds(float(decay_factor))
-        ds.DoseCalibrationFactor = "1"
+        _pet_modules(ds, int(pet.shape[0]), opt, orientation, float(decay_factor))
         _plane(ds, pet, k)
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.PixelRepresentation = 0
-        peak = float(bqml[k].max())
-        slope = peak / 65535.0 if peak > 0 else 1.0
-        # The slope as written (a 16-character DS) is the one that decodes the stored values.
-        slope_text = _ds(slope)
-        stored = np.clip(np.rint(bqml[k] / float(slope_text)), 0, 65535).astype(np.uint16)
-        ds.RescaleIntercept, ds.RescaleSlope = "0", slope_text
-        ds.PixelData = np.ascontiguousarray(stored).tobytes()
+        _pet_pixels(ds, bqml[k])
         path = out / f"PT_{k + 1:04d}.dcm"
         _save(ds, path)
         paths.append(path)
     return series_uid, paths
+
+
+def _pet_modules(
+    ds: Dataset, n_slices: int, opt: SyntheticDicomOptions, orientation: Dataset, decay_factor: float
+) -> None:
+    """The PET Series, PET Isotope, NM/PET Patient Orientation and PET Image attributes of one slice."""
+    # PET Series module.
+    ds.Units = "BQML"
+    ds.CountsSource = "EMISSION"
+    ds.SeriesType = ["STATIC", "IMAGE"]
+    ds.CorrectedImage = ["DECY", "ATTN", "SCAT", "DTIM", "RAN", "NORM"]
+    ds.DecayCorrection = "START"
+    ds.RandomsCorrectionMethod = "DLYD"
+    ds.AttenuationCorrectionMethod = "CT-based"
+    ds.ReconstructionMethod = "OSEM"
+    ds.CollimatorType = "NONE"
+    ds.NumberOfSlices = n_slices
+    # PET Isotope and NM/PET Patient Orientation modules.
+    ds.RadiopharmaceuticalInformationSequence = [_isotope(opt)]
+    ds.PatientOrientationCodeSequence = [orientation]
+    ds.PatientGantryRelationshipCodeSequence = [_code("102540008", "SCT", "headfirst")]
+    # PET Image module.
+    ds.FrameReferenceTime = "0"
+    ds.ActualFrameDuration = round(opt.frame_duration_s * 1000.0)
+    ds.DecayFactor = _ds(decay_factor)
+    ds.DoseCalibrationFactor = "1"
+
+
+def _pet_pixels(ds: Dataset, bqml: np.ndarray) -> None:
+    """One slice of Bq/ml as unsigned 16-bit values with the slice's RescaleSlope (slice maximum / 65535)."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 0
+    peak = float(bqml.max())
+    slope = peak / 65535.0 if peak > 0 else 1.0
+    # The slope as written (a 16-character DS) is the one that decodes the stored values.
+    slope_text = _ds(slope)
+    stored = np.clip(np.rint(bqml / float(slope_text)), 0, 65535).astype(np.uint16)
+    ds.RescaleIntercept, ds.RescaleSlope = "0", slope_text
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
 
 
 def write_phantom_dicom(phantom: Phantom, out_dir: str | Path, options: SyntheticDicomOptions | None = None) -> dict:

@@ -104,7 +104,8 @@ def load_segmenter_class() -> type:
 
 
 class SegmenterPipeline:
-    """The default pipeline: ``read_pet_ct`` → ``Segmenter.predict`` → ``write_seg`` (BINARY, our UIDs).
+    """The default pipeline: the study folder through :func:`diffseg.runtime.pipeline.segment_files`, writing only
+    the DICOM SEG (BINARY, our UIDs).
 
     The model is loaded once, here, and reused for every study.
 
@@ -119,14 +120,16 @@ class SegmenterPipeline:
     def __init__(self, model: str, backend: str) -> None:
         try:
             Segmenter = load_segmenter_class()
-            from diffseg.runtime.dicom import SegOptions, read_pet_ct, write_seg
+            from diffseg.runtime.dicom import SegOptions
+            from diffseg.runtime.outputs import WriteOptions
+            from diffseg.runtime.pipeline import segment_files
         except ImportError as exc:
             raise RuntimeError(f"the segmentation pipeline is not available in this build: {exc}") from exc
         start = time.perf_counter()
         self.segmenter = Segmenter(model=model, backend=backend)
         self.model_version = model_version_of(self.segmenter, model)
-        self._read = read_pet_ct
-        self._write = write_seg
+        self._segment_files = segment_files
+        self._write_options = WriteOptions
         self._seg_options = SegOptions
         logger.info(
             "model loaded",
@@ -141,20 +144,18 @@ class SegmenterPipeline:
 
     def run(self, study_dir: Path, out_path: Path, uids: SegUids) -> dict[str, Any]:
         """Segment one study; see :class:`SegPipeline`."""
-        t0 = time.perf_counter()
-        study = self._read(study_dir)
-        t1 = time.perf_counter()
-        result = self.segmenter.predict(study.ct, study.pet)
-        t2 = time.perf_counter()
-        options = self._seg_options(
-            series_instance_uid=uids.series_instance_uid, sop_instance_uid=uids.sop_instance_uid
+        seg = self._seg_options(series_instance_uid=uids.series_instance_uid, sop_instance_uid=uids.sop_instance_uid)
+        write = self._write_options(
+            maps=False, tables=False, preview=False, report=False, seg_name=out_path.name, seg_options=seg
         )
-        self._write(result.mask, study, out_path, options=options)  # atomic: temporary file, fsync, rename
+        case = self._segment_files(self.segmenter, study_dir, None, out_path.parent, case_id="study", write=write)
+        if case.paths.get("dicom_seg") != out_path:
+            raise RuntimeError(f"{study_dir}: the pipeline wrote no SEG at {out_path} (is the study DICOM?)")
         fsync_dir(out_path.parent)
-        t3 = time.perf_counter()
+        t = case.result.timings
         return {
-            "read_s": round(t1 - t0, 3),
-            "predict_s": round(t2 - t1, 3),
-            "write_s": round(t3 - t2, 3),
-            "mask_voxels": int(result.mask.array.astype(bool).sum()),
+            "read_s": round(t.get("read", 0.0), 3),
+            "predict_s": round(t.get("prepare", 0.0) + t.get("sample", 0.0) + t.get("postprocess", 0.0), 3),
+            "write_s": round(case.write_seconds, 3),
+            "mask_voxels": int(case.result.mask.array.astype(bool).sum()),
         }

@@ -20,6 +20,7 @@ import sqlite3
 import threading
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -267,6 +268,34 @@ class StorageSCP:
 
     def _on_store(self, event: Any) -> int:
         peer = _peer(event)
+        received = self._receive(event, peer)
+        if isinstance(received, int):  # refused (logged and counted): the status to answer
+            return received
+        data, inst = received
+        path = self.spool.instance_path(inst.study_uid, inst.sop_instance_uid)
+        if not self._write_to_spool(event, path, data, inst, peer):
+            return STATUS_OUT_OF_RESOURCES
+        late = self._record_in_queue(event, path, inst, peer)
+        if late is None:
+            return STATUS_OUT_OF_RESOURCES
+        level = logging.WARNING if late else logging.DEBUG
+        if logger.isEnabledFor(level):
+            logger.log(
+                level,
+                "late instance: its study's job has started; kept in the spool, not segmented" if late else "stored",
+                extra={
+                    "event": "late_instance" if late else "stored",
+                    "study_uid": inst.study_uid,
+                    "sop_instance_uid": inst.sop_instance_uid,
+                    "modality": inst.modality,
+                    "peer": peer,
+                },
+            )
+        self._count(event, "stored")
+        return STATUS_SUCCESS
+
+    def _receive(self, event: Any, peer: str) -> tuple[bytes, ReceivedInstance] | int:
+        """The received data set and its checked identity, or the status of a refusal (logged and counted)."""
         request = event.request
         req_class = str(request.AffectedSOPClassUID)
         req_instance = str(request.AffectedSOPInstanceUID)
@@ -290,7 +319,10 @@ class StorageSCP:
             logger.exception("C-STORE refused", extra={"event": "store_refused", "peer": peer, "reason": str(exc)})
             self._count(event, "refused")
             return STATUS_CANNOT_UNDERSTAND
-        path = self.spool.instance_path(inst.study_uid, inst.sop_instance_uid)
+        return data, inst
+
+    def _write_to_spool(self, event: Any, path: Path, data: bytes, inst: ReceivedInstance, peer: str) -> bool:
+        """Write the instance durably into the spool; False when that failed (logged and counted)."""
         try:
             write_durable(path, data)
         except OSError as exc:
@@ -310,9 +342,14 @@ class StorageSCP:
                 },
             )
             self._count(event, "failed")
-            return STATUS_OUT_OF_RESOURCES
+            return False
+        return True
+
+    def _record_in_queue(self, event: Any, path: Path, inst: ReceivedInstance, peer: str) -> bool | None:
+        """Record the spooled instance in the job queue: whether it came late (its study's job has started), or
+        None when the queue write failed (logged and counted)."""
         try:
-            late = self.queue.record_instance(
+            return self.queue.record_instance(
                 study_uid=inst.study_uid,
                 series_uid=inst.series_uid,
                 sop_instance_uid=inst.sop_instance_uid,
@@ -336,19 +373,4 @@ class StorageSCP:
                 },
             )
             self._count(event, "failed")
-            return STATUS_OUT_OF_RESOURCES
-        level = logging.WARNING if late else logging.DEBUG
-        if logger.isEnabledFor(level):
-            logger.log(
-                level,
-                "late instance: its study's job has started; kept in the spool, not segmented" if late else "stored",
-                extra={
-                    "event": "late_instance" if late else "stored",
-                    "study_uid": inst.study_uid,
-                    "sop_instance_uid": inst.sop_instance_uid,
-                    "modality": inst.modality,
-                    "peer": peer,
-                },
-            )
-        self._count(event, "stored")
-        return STATUS_SUCCESS
+            return None

@@ -528,6 +528,7 @@ void build_runs(Workspace& ws, const T* data, Shape shape, int connectivity, boo
     ws.slab_offset.assign(static_cast<std::size_t>(n_chunks) + 1, 0);
     std::vector<std::uint64_t> vmin(n_chunks, std::numeric_limits<std::uint64_t>::max()), vmax(n_chunks, 0);
     bool too_many_runs = false;
+    RegionErrors errors;  // an allocation that fails on a thread, rethrown after the region
     auto chunk_planes = [&](std::int64_t c, std::int64_t& z0, std::int64_t& z1) {
         split_range(shape.nz, static_cast<int>(n_chunks), static_cast<int>(c), z0, z1);
     };
@@ -543,7 +544,10 @@ void build_runs(Workspace& ws, const T* data, Shape shape, int connectivity, boo
         for (std::int64_t c = 0; c < n_chunks; ++c) {
             std::int64_t z0, z1;
             chunk_planes(c, z0, z1);
-            extract_slab<T>(ws, data, shape, static_cast<int>(c), z0, z1, multilabel, keep_values, vmin[c], vmax[c]);
+            errors.run([&] {
+                extract_slab<T>(ws, data, shape, static_cast<int>(c), z0, z1, multilabel, keep_values, vmin[c],
+                                vmax[c]);
+            });
         }
 #ifdef _OPENMP
 #pragma omp single
@@ -555,12 +559,14 @@ void build_runs(Workspace& ws, const T* data, Shape shape, int connectivity, boo
             if (ws.n_runs >= std::numeric_limits<std::int32_t>::max()) {
                 too_many_runs = true;
             } else {
-                ws.runs.resize(static_cast<std::size_t>(ws.n_runs));
-                if (keep_values) ws.values.resize(static_cast<std::size_t>(ws.n_runs));
-                if (unite) {
-                    ws.parent.resize(static_cast<std::size_t>(ws.n_runs));
-                    ws.label.resize(static_cast<std::size_t>(ws.n_runs));
-                }
+                errors.run([&] {
+                    ws.runs.resize(static_cast<std::size_t>(ws.n_runs));
+                    if (keep_values) ws.values.resize(static_cast<std::size_t>(ws.n_runs));
+                    if (unite) {
+                        ws.parent.resize(static_cast<std::size_t>(ws.n_runs));
+                        ws.label.resize(static_cast<std::size_t>(ws.n_runs));
+                    }
+                });
                 ws.row_start[rows] = ws.n_runs;
                 // A multi-label pass over a mask with a single value needs no value checks.
                 if (multilabel) {
@@ -570,7 +576,9 @@ void build_runs(Workspace& ws, const T* data, Shape shape, int connectivity, boo
                 }
             }
         }
-        if (!too_many_runs) {
+        // Read after the barrier closing `single`, so every thread takes the same branch (all or none of the
+        // team must reach each `for`).
+        if (!too_many_runs && !errors.failed()) {
             // Step 2: gather into the global arrays, ...
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
@@ -599,11 +607,14 @@ void build_runs(Workspace& ws, const T* data, Shape shape, int connectivity, boo
                 for (std::int64_t c = 0; c < n_chunks; ++c) {
                     std::int64_t z0, z1;
                     chunk_planes(c, z0, z1);
-                    unite_planes(ws, connectivity, z0, z1, z0, false, &ws.row_tables[thread_index()]);
+                    errors.run([&] {
+                        unite_planes(ws, connectivity, z0, z1, z0, false, &ws.row_tables[thread_index()]);
+                    });
                 }
             }
         }
     }
+    errors.rethrow();
     if (too_many_runs) throw std::invalid_argument("the volume has more than 2^31 runs; split it into parts");
     ws.threads = nt;
     if (!unite) return;

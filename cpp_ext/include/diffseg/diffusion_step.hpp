@@ -50,26 +50,28 @@ namespace detail {
 
 // Elements [begin, end) whose scale factors are scale[0 .. end - begin) (null: 1). Branch-free per element (the
 // clamp is min/max: clipped x0 sits at ±1 for much of a volume, where a compare-and-branch mispredicts), so the
-// compiler can vectorise the loop.
+// compiler can vectorise the loop. No pointer is __restrict: an output may be an input (x_prev = x_t in place, x0 =
+// model_output), so element i reads all its inputs before it writes either output.
 template <bool Clip, Noise Kind, bool Scaled, bool WriteX0, bool WritePrev>
 void run_segment(const Coefficients& c, const Arrays& a, const float* scale, std::int64_t begin, std::int64_t end) {
     const double lo = -c.clip_range, hi = c.clip_range;
-    const float* __restrict out = a.model_output;
-    const float* __restrict xt_in = a.x_t;
+    const float* out = a.model_output;
+    const float* xt_in = a.x_t;
     for (std::int64_t i = begin; i < end; ++i) {
         double m = out[i];
         if constexpr (Scaled) m *= static_cast<double>(scale[i - begin]);
         const double xt = xt_in[i];
         double x0 = c.a_out * m + c.a_x * xt;
         if constexpr (Clip) x0 = std::min(std::max(x0, lo), hi);
-        if constexpr (WriteX0) a.x0[i] = static_cast<float>(x0);
+        double next = 0;
         if constexpr (WritePrev) {
-            double next = c.A * x0 + c.B * m + c.C * xt;
+            next = c.A * x0 + c.B * m + c.C * xt;
             if constexpr (Kind == Noise::constant) next += c.sigma * static_cast<double>(a.noise[i]);
             if constexpr (Kind == Noise::learned)
                 next += std::exp(c.L1 * static_cast<double>(a.variance[i]) + c.L0) * static_cast<double>(a.noise[i]);
-            a.x_prev[i] = static_cast<float>(next);
         }
+        if constexpr (WriteX0) a.x0[i] = static_cast<float>(x0);
+        if constexpr (WritePrev) a.x_prev[i] = static_cast<float>(next);
     }
 }
 

@@ -2,7 +2,9 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <exception>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -37,5 +39,41 @@ inline void split_range(std::int64_t n, int parts, int part, std::int64_t& begin
     begin = part * base + std::min<std::int64_t>(part, extra);
     end = begin + base + (part < extra ? 1 : 0);
 }
+
+// The first exception thrown by work inside an OpenMP region, carried out of it. An exception must not leave a
+// region (the runtime then calls std::terminate, and the process dies instead of Python getting MemoryError), so
+// work that may throw (an allocation) runs through run() and the caller calls rethrow() after the region. Once
+// anything has failed, later run() calls skip their work. Wrap whole chunks of work, never an inner loop.
+class RegionErrors {
+  public:
+    // Runs f() unless something failed already; whether f() ran and returned.
+    template <class F>
+    bool run(F&& f) noexcept {
+        if (failed()) return false;
+        try {
+            f();
+            return true;
+        } catch (...) {
+            std::exception_ptr e = std::current_exception();
+#ifdef _OPENMP
+#pragma omp critical(diffseg_region_errors)
+#endif
+            if (!error_) error_ = e;
+            failed_.store(true, std::memory_order_relaxed);
+            return false;
+        }
+    }
+
+    bool failed() const { return failed_.load(std::memory_order_relaxed); }
+
+    // After the region: throws the recorded exception, if any.
+    void rethrow() const {
+        if (error_) std::rethrow_exception(error_);
+    }
+
+  private:
+    std::exception_ptr error_;
+    std::atomic<bool> failed_{false};
+};
 
 }  // namespace diffseg

@@ -344,6 +344,12 @@ void linear_separable(const Tin* src, Shape in, float* out, Shape os, const Inde
         os.ny > 1 ? std::fabs(static_cast<double>(ty.i0[os.ny - 1] - ty.i0[0])) / static_cast<double>(os.ny - 1) : 1.0;
     const std::int64_t max_xrows = std::min<std::int64_t>(
         in.ny, static_cast<std::int64_t>(std::ceil(scale_y * static_cast<double>(block))) + 3);
+    // Each thread's buffers are sized here: an exception must not leave the region (see RegionErrors).
+    for (int t = 0; t < nt; ++t) {
+        ws->ring[t].resize(static_cast<std::size_t>(2 * block * std::max<std::int64_t>(nxv, 1)));
+        ws->xrows[t].resize(static_cast<std::size_t>(max_xrows * std::max<std::int64_t>(nxv, 1)));
+    }
+    RegionErrors errors;  // a block reading more input rows than estimated grows its x rows inside
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
@@ -352,8 +358,6 @@ void linear_separable(const Tin* src, Shape in, float* out, Shape os, const Inde
         const int t = thread_index();
         ScratchArray<double>& ring = ws->ring[t];
         ScratchArray<double>& xr = ws->xrows[t];
-        ring.resize(static_cast<std::size_t>(2 * block * std::max<std::int64_t>(nxv, 1)));
-        xr.resize(static_cast<std::size_t>(max_xrows * std::max<std::int64_t>(nxv, 1)));
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1) nowait
 #endif
@@ -371,7 +375,9 @@ void linear_separable(const Tin* src, Shape in, float* out, Shape os, const Inde
                 }
             }
             const std::int64_t n_xrows = ymax - ymin + 1;
-            if (n_xrows > max_xrows) xr.resize(static_cast<std::size_t>(n_xrows * std::max<std::int64_t>(nxv, 1)));
+            if (n_xrows > max_xrows &&
+                !errors.run([&] { xr.resize(static_cast<std::size_t>(n_xrows * std::max<std::int64_t>(nxv, 1))); }))
+                continue;  // out of memory: rethrown after the region
             std::int64_t tag[2] = {-1, -1};
             auto slice = [&](std::int64_t s) -> const double* {
                 for (int q = 0; q < 2; ++q)
@@ -428,6 +434,7 @@ void linear_separable(const Tin* src, Shape in, float* out, Shape os, const Inde
         }
         store_fence();  // order this thread's non-temporal stores before the region's closing barrier
     }
+    errors.rethrow();
 }
 
 // ------------------------------------------------------------------------------------- general (any affine)
