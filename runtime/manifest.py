@@ -120,6 +120,31 @@ def _need(doc: Mapping[str, Any], key: str, where: str, kind: type | tuple[type,
     return value
 
 
+def _check_defaults(defaults: Mapping[str, Any], w: str) -> Mapping[str, Any]:
+    """The ``defaults`` section: known keys only, the sampler's through ``SamplerOptions``' own checks."""
+    unknown = sorted(set(defaults) - set(DEFAULTS_KEYS))
+    if unknown:
+        raise ManifestError(f"{w}: unknown keys {unknown}; allowed: {list(DEFAULTS_KEYS)}")
+    for key in ("sampler", "steps", "samples", "overlap", "threshold", "min_lesion_ml"):
+        _need(defaults, key, w, (str, int, float))
+    try:
+        SamplerOptions(
+            sampler=defaults["sampler"],
+            steps=defaults["steps"],
+            eta=float(defaults.get("eta", 0.0)),
+            timestep_spacing=defaults.get("timestep_spacing", "leading"),
+            eps_convention=defaults.get("eps_convention", "raw"),
+            num_samples=defaults["samples"],
+            seed=defaults.get("seed", 0),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"{w}: {exc}") from None
+    retire = defaults.get("retire_after", 0)
+    if isinstance(retire, bool) or not isinstance(retire, int) or retire < 0:
+        raise ManifestError(f"{w}: retire_after must be an int >= 0 (0 = off), got {retire!r}")
+    return defaults
+
+
 def parse_manifest(doc: Mapping[str, Any], where: str) -> Manifest:
     """Validate a manifest document; each bad field raises ``ManifestError`` naming it."""
     version = _need(doc, "schema_version", where, int)
@@ -153,28 +178,7 @@ def parse_manifest(doc: Mapping[str, Any], where: str) -> Manifest:
         SchedulerConfig.from_dict(diff)
     except (TypeError, ValueError) as exc:
         raise ManifestError(f"{where}: diffusion: {exc}") from None
-    defaults = _need(doc, "defaults", where, dict)
-    w = f"{where}: defaults"
-    unknown = sorted(set(defaults) - set(DEFAULTS_KEYS))
-    if unknown:
-        raise ManifestError(f"{w}: unknown keys {unknown}; allowed: {list(DEFAULTS_KEYS)}")
-    for key in ("sampler", "steps", "samples", "overlap", "threshold", "min_lesion_ml"):
-        _need(defaults, key, w, (str, int, float))
-    try:
-        SamplerOptions(
-            sampler=defaults["sampler"],
-            steps=defaults["steps"],
-            eta=float(defaults.get("eta", 0.0)),
-            timestep_spacing=defaults.get("timestep_spacing", "leading"),
-            eps_convention=defaults.get("eps_convention", "raw"),
-            num_samples=defaults["samples"],
-            seed=defaults.get("seed", 0),
-        )
-    except (TypeError, ValueError) as exc:
-        raise ManifestError(f"{w}: {exc}") from None
-    retire = defaults.get("retire_after", 0)
-    if isinstance(retire, bool) or not isinstance(retire, int) or retire < 0:
-        raise ManifestError(f"{w}: retire_after must be an int >= 0 (0 = off), got {retire!r}")
+    defaults = _check_defaults(_need(doc, "defaults", where, dict), f"{where}: defaults")
     _need(doc, "files", where, dict)
     return Manifest(
         name=_need(doc, "name", where, str),

@@ -15,20 +15,73 @@ from typing import Any
 
 from .backends import Backend, get_backend
 from .diffusion_schedule import SamplerOptions, SchedulerConfig
-from .manifest import ModelPackage, load_package
+from .manifest import Manifest, ModelPackage, load_package
 from .postprocess import PostprocessOptions
 from .preprocess import CandidateRule
 from .result import LOOP_ORDER_NAMES, SegmentationResult, SegmentOptions
 from .sliding_window import WindowOptions
 from .volume import Volume
 
-__all__ = ["SegmentationResult", "Segmenter"]
+__all__ = ["SegmentationResult", "Segmenter", "resolve_options"]
 
 logger = logging.getLogger("diffseg")
 
 
 def _override(value: Any, default: Any) -> Any:
     return default if value is None else value
+
+
+def resolve_options(
+    manifest: Manifest,
+    loop_order: str,
+    overrides: Mapping[str, Any],
+    skip_empty_windows: bool,
+    retire_after: int | None,
+) -> SegmentOptions:
+    """The options of a run: the manifest's defaults, then the caller's overrides (None: keep the default).
+
+    Args:
+        manifest: the model package's manifest.
+        loop_order: ``step-major`` or ``window-major`` (``_`` spellings too).
+        overrides: ``steps``, ``samples``, ``eta``, ``seed``, ``overlap``, ``threshold``, ``min_lesion_ml``,
+            ``batch_size`` (see :class:`Segmenter`).
+        skip_empty_windows: apply the manifest's candidate rule.
+        retire_after: see :class:`Segmenter`.
+
+    Raises:
+        ValueError: a bad value or a combination that would be ignored (named, with what is allowed).
+    """
+    d, o = manifest.defaults, overrides
+    order = str(loop_order).replace("-", "_")
+    if order not in LOOP_ORDER_NAMES:
+        raise ValueError(f"loop_order must be step-major or window-major, got {loop_order!r}")
+    sampler = SamplerOptions(
+        sampler=d["sampler"],
+        steps=_override(o.get("steps"), d["steps"]),
+        eta=float(_override(o.get("eta"), d.get("eta", 0.0))),
+        timestep_spacing=d.get("timestep_spacing", "leading"),
+        eps_convention=d.get("eps_convention", "raw"),
+        num_samples=_override(o.get("samples"), d["samples"]),
+        channel_order=manifest.channel_order,
+        seed=_override(o.get("seed"), d.get("seed", 0)),
+    )
+    batch_size = o.get("batch_size")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be an int >= 1 (None: 2 x samples), got {batch_size!r}")
+    if retire_after is None:  # the manifest's retirement is a step-major rule; window-major runs every chain
+        retire_after = int(d.get("retire_after", 0)) if order == "step_major" else 0
+    window = WindowOptions(
+        patch_size=tuple(manifest.patch_size),
+        overlap=float(_override(o.get("overlap"), d["overlap"])),
+        batch_size=batch_size or 2 * sampler.num_samples,
+        retire_after=retire_after,
+    )
+    post = PostprocessOptions(
+        threshold=float(_override(o.get("threshold"), d["threshold"])),
+        min_lesion_ml=float(_override(o.get("min_lesion_ml"), d["min_lesion_ml"])),
+    )
+    candidate = CandidateRule.from_manifest(d.get("candidate"), manifest.modalities) if skip_empty_windows else None
+    return SegmentOptions(sampler, window, post, order, candidate)
 
 
 class Segmenter:
@@ -78,39 +131,11 @@ class Segmenter:
     ) -> None:
         self.package: ModelPackage = load_package(model)
         m = self.package.manifest
-        d = m.defaults
-        order = str(loop_order).replace("-", "_")
-        if order not in LOOP_ORDER_NAMES:
-            raise ValueError(f"loop_order must be step-major or window-major, got {loop_order!r}")
         self.scheduler_config = SchedulerConfig.from_dict(m.diffusion)
-        sampler = SamplerOptions(
-            sampler=d["sampler"],
-            steps=_override(steps, d["steps"]),
-            eta=float(_override(eta, d.get("eta", 0.0))),
-            timestep_spacing=d.get("timestep_spacing", "leading"),
-            eps_convention=d.get("eps_convention", "raw"),
-            num_samples=_override(samples, d["samples"]),
-            channel_order=m.channel_order,
-            seed=_override(seed, d.get("seed", 0)),
-        )
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise ValueError(f"batch_size must be an int >= 1 (None: 2 x samples), got {batch_size!r}")
-        if retire_after is None:
-            retire_after = int(d.get("retire_after", 0)) if order == "step_major" else 0
-        window = WindowOptions(
-            patch_size=tuple(m.patch_size),
-            overlap=float(_override(overlap, d["overlap"])),
-            batch_size=batch_size or 2 * sampler.num_samples,
-            retire_after=retire_after,
-        )
-        post = PostprocessOptions(
-            threshold=float(_override(threshold, d["threshold"])),
-            min_lesion_ml=float(_override(min_lesion_ml, d["min_lesion_ml"])),
-        )
-        candidate = CandidateRule.from_manifest(d.get("candidate"), m.modalities) if skip_empty_windows else None
-        options = SegmentOptions(sampler, window, post, order, candidate)  # checks the combination before loading
+        overrides = {"steps": steps, "samples": samples, "eta": eta, "seed": seed, "overlap": overlap}
+        overrides.update(threshold=threshold, min_lesion_ml=min_lesion_ml, batch_size=batch_size)
+        options = resolve_options(m, loop_order, overrides, skip_empty_windows, retire_after)
+        order = options.loop_order
         t0 = time.perf_counter()
         self.backend: Backend = get_backend(backend, self.package, precision, threads)
         self.load_seconds = time.perf_counter() - t0
