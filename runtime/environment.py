@@ -74,6 +74,12 @@ def _backends() -> dict[str, dict[str, Any]]:
     return out
 
 
+def _engines() -> dict[str, dict[str, Any]]:
+    from .backends import backend_capabilities
+
+    return backend_capabilities()
+
+
 def collect_info() -> dict[str, Any]:
     import numpy as np
 
@@ -86,4 +92,5 @@ def collect_info() -> dict[str, Any]:
         "extension": _extension(),
         "cpu": cpu_info(),
         "backends": _backends(),
+        "engines": _engines(),
     }

@@ -135,3 +135,20 @@ def test_predict_on_dicom_series_writes_a_seg(tmp_path):
     whole = cli("predict", "-i", str(tmp_path / "study"), "-o", str(tmp_path / "o2"), *common)
     assert whole.returncode == 0, whole.stderr
     assert (tmp_path / "o2" / "study" / "seg.dcm").is_file()
+
+
+def test_info_lists_what_each_backend_declares():
+    # Reference: the classes' own declarations and available_backends(), which `auto` uses.
+    from diffseg.runtime.backends import BACKENDS, available_backends
+    from diffseg.runtime.backends.base import _backend_class
+
+    engines = json.loads(cli("info", "--json").stdout)["engines"]
+    assert set(engines) == set(BACKENDS)
+    reasons = available_backends()
+    for name, engine in engines.items():
+        assert engine["available"] == (reasons[name] is None), name
+        if engine["available"]:
+            cls = _backend_class(name)
+            assert engine["device_ops"] == cls.has_device_ops and list(engine["precisions"]) == list(cls.precisions)
+    assert engines["onnxruntime"]["device_ops"] and not engines["openvino"]["device_ops"]
+    assert engines["onnxruntime"]["precisions"] == {"fp32": None}

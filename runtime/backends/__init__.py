@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
-from .base import BACKENDS, Backend, BackendUnavailableError, available_backends, get_backend, pick_auto
+from .base import (
+    BACKENDS,
+    Backend,
+    BackendUnavailableError,
+    available_backends,
+    backend_capabilities,
+    get_backend,
+    pick_auto,
+)
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "available_backends", "get_backend", "pick_auto"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_capabilities",
+    "get_backend",
+    "pick_auto",
+]

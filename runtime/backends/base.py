@@ -25,7 +25,15 @@ from ..manifest import ModelPackage
 if TYPE_CHECKING:
     from ..sampling.device_ops import DeviceLayout, DeviceOps
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "available_backends", "get_backend", "pick_auto"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_capabilities",
+    "get_backend",
+    "pick_auto",
+]
 
 logger = logging.getLogger("diffseg")
 
@@ -143,6 +151,23 @@ def available_backends() -> dict[str, str | None]:
             out[name] = _backend_class(name).unavailable_reason()
         except ImportError as exc:
             out[name] = f"{exc}; {INSTALL_HINTS[name]}"
+    return out
+
+
+def backend_capabilities() -> dict[str, dict[str, Any]]:
+    """What each backend declares and whether it can run here: ``available``, ``reason``, ``precisions`` (each
+    precision → None when it can run here, else why not), ``device_ops``."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in BACKENDS:
+        try:
+            cls = _backend_class(name)
+        except ImportError as exc:
+            out[name] = {"available": False, "reason": f"{exc}; {INSTALL_HINTS[name]}", "precisions": {}}
+            continue
+        reason = cls.unavailable_reason()
+        precisions = {p: (reason or cls.precision_reason(p)) for p in cls.precisions}
+        out[name] = {"available": reason is None, "reason": reason, "precisions": precisions, **cls.capabilities()}
+        out[name]["precisions"] = precisions
     return out
 
 

@@ -36,4 +36,9 @@ def run(args: argparse.Namespace) -> int:
     for name, b in info["backends"].items():
         state = f"{b['version']}; devices: {', '.join(b['devices'])}" if b["available"] else f"missing ({b['reason']})"
         print(f"  {name:12s} {state}")
+    print("engines (diffseg --backend):")
+    for name, e in info["engines"].items():
+        runs = [p for p, why in e["precisions"].items() if why is None]
+        state = f"runs {', '.join(runs) or 'no precision here'}" if e["available"] else f"unavailable ({e['reason']})"
+        print(f"  {name:22s} {state}; device loop: {'yes' if e.get('device_ops') else 'no'}")
     return 0
