@@ -543,10 +543,11 @@ def test_plausible_ranges_are_the_bounds_used(pet_headers, key):
     def change(value):
         def edit(h):
             h.DecayCorrection = "ADMIN"  # times (and so the uptake check) out of play: this bound alone
+            text = f"{value:.12g}"  # a DS holds at most 16 characters (str(500 * 1.001) has 18)
             if key == "PatientWeight":
-                h.PatientWeight = str(value)
+                h.PatientWeight = text
             else:
-                _set_info(key, str(value))(h)
+                _set_info(key, text)(h)
 
         return edit
 

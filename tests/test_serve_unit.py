@@ -363,7 +363,8 @@ def test_inspect_refuses_uid_mismatch_and_bad_uids(ct_file: Path, tmp_path: Path
     with pytest.raises(InstanceError, match="differs from the request's") as info:
         inspect_instance(ct_file.read_bytes(), ds.SOPClassUID, "1.2.3")
     assert info.value.status == STATUS_MISMATCH
-    ds.StudyInstanceUID = "1.2.3/../../x"
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):  # pydicom validates on assignment
+        ds.StudyInstanceUID = "1.2.3/../../x"
     bad = tmp_path / "bad.dcm"
     ds.save_as(bad)
     with pytest.raises(InstanceError, match="StudyInstanceUID must be a DICOM UID") as info:
