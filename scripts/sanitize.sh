@@ -2,7 +2,7 @@
 # Builds a copy of diffseg with AddressSanitizer + UndefinedBehaviorSanitizer (CMake option DIFFSEG_SANITIZE) into
 # a temporary folder -- never the shared install -- and runs the kernel tests against it with libasan preloaded.
 #
-#   scripts/sanitize.sh [pytest args...]      (default: tests/test_resample.py tests/test_components.py tests/test_scheduler.py -q)
+#   scripts/sanitize.sh [pytest args...]      (default: tests/cpp/test_resample.py tests/cpp/test_components.py tests/runtime/test_scheduler.py -q)
 #
 # Exit status: pytest's (a sanitizer report aborts the process, so any finding fails the run). The build folder
 # is removed at the end unless KEEP=1; SANITIZE_WORK=<kept folder> reuses it (tests only; with REBUILD=1, an
@@ -38,7 +38,7 @@ EOF
 libasan=$(g++ -print-file-name=libasan.so)
 libstdcxx=$(g++ -print-file-name=libstdc++.so)
 if [ ! -e "$libasan" ]; then echo "sanitize: libasan.so not found (install the compiler's sanitizer runtime)"; exit 1; fi
-if [ "$#" -eq 0 ]; then set -- tests/test_resample.py tests/test_components.py tests/test_scheduler.py -q; fi
+if [ "$#" -eq 0 ]; then set -- tests/cpp/test_resample.py tests/cpp/test_components.py tests/runtime/test_scheduler.py -q; fi
 
 # The tests import diffseg from the sanitized copy (PYTHONPATH comes before site-packages); -P keeps the repo
 # root (which has no compiled extension) off sys.path. libstdc++ is preloaded with libasan so that ASan can

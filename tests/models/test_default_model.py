@@ -16,7 +16,7 @@ from diffseg.export.architectures import build_model
 from diffseg.runtime.phantom import make_phantom
 from diffseg.runtime.postprocess import dice
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from accuracy import reference_probability
 
 
