@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import write_results
+from _common import machine_header, write_results
 
 BACKENDS = ("openvino:bf16", "onnxruntime:fp32")
 MAPS = ("probability", "uncertainty", "entropy")
@@ -105,9 +105,20 @@ def compare(before: Path, after: Path, map_tol: float, name: str) -> int:
             f"({r['lesions']}) | {r['counts_before'] == r['counts_after']} |"
         )
     kept = all(r["kept"] for r in rows) and bool(rows)
+    from diffseg.runtime.bench.machine import machine_info
+
+    machine = machine_info()
+    lines.insert(0, f"Machine: {machine_header(machine)}. Recordings: before `{before}`, after `{after}`.\n")
     lines.append("")
     lines.append(f"Behaviour kept (masks identical, maps within {map_tol:g}, lesions and counts equal): **{kept}**")
-    doc = {"before": str(before), "after": str(after), "map_tol": map_tol, "rows": rows, "kept": kept}
+    doc = {
+        "machine": machine,
+        "before": str(before),
+        "after": str(after),
+        "map_tol": map_tol,
+        "rows": rows,
+        "kept": kept,
+    }
     write_results(name, doc, "\n".join(lines))
     print("\n".join(lines))
     return 0 if kept else 1
