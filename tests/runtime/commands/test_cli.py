@@ -152,3 +152,28 @@ def test_info_lists_what_each_backend_declares():
             assert engine["device_ops"] == cls.has_device_ops and list(engine["precisions"]) == list(cls.precisions)
     assert engines["onnxruntime"]["device_ops"] and not engines["openvino"]["device_ops"]
     assert engines["onnxruntime"]["precisions"] == {"fp32": None}
+
+
+def test_predict_refuses_an_implausible_dose_unless_forced(tmp_path):
+    # Reference: the synthetic study's known dose (370 MBq); written in MBq (370) it gives SUVs 10^6 times off. The
+    # CLI must refuse it with the file and the fix named, and with --force-units segment it and record the override.
+    import pydicom
+
+    from diffseg.runtime.dicom import write_phantom_dicom
+
+    phantom = make_phantom(2, PhantomOptions(ct_size_xy=128, ct_slices=24))
+    dirs = write_phantom_dicom(phantom, tmp_path / "study")
+    for path in sorted(dirs["pet_dir"].glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.RadiopharmaceuticalInformationSequence[0].RadionuclideTotalDose = "370"
+        ds.save_as(path, enforce_file_format=True)
+    common = ["--backend", "onnxruntime", "--steps", "1", "--samples", "1", "--no-progress"]
+    inputs = ["--ct", str(dirs["ct_dir"]), "--pet", str(dirs["pet_dir"])]
+    refused = cli("predict", *inputs, "-o", str(tmp_path / "o"), *common)
+    assert refused.returncode == 2
+    assert "RadionuclideTotalDose" in refused.stderr and "--force-units" in refused.stderr
+    assert not (tmp_path / "o" / "report.json").exists()
+    forced = cli("predict", *inputs, "-o", str(tmp_path / "f"), "--force-units", *common)
+    assert forced.returncode == 0, forced.stderr
+    (override,) = json.loads((tmp_path / "f" / "report.json").read_text())["overrides"]
+    assert "RadionuclideTotalDose" in override and "force_units" in override
