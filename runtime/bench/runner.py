@@ -172,7 +172,11 @@ def _case_row(segmenter, case: BenchCase, options: BenchOptions, out: Path, flop
     if cuda is not None:
         cuda.synchronize()
         cuda.reset_peak_memory_stats()
-    write = None if options.write_outputs else WriteOptions(False, False, False, False, report=False)
+    write = (
+        None
+        if options.write_outputs
+        else WriteOptions(maps=False, tables=False, preview=False, seg=False, report=False)
+    )
     start = time.perf_counter()
     with PeakRssMonitor() as mon:  # as `diffseg predict`: the one pipeline, read to write
         case_output = segment_files(segmenter, case.ct, case.pet, out / case.name, case_id=case.name, write=write)
