@@ -10,13 +10,14 @@ import shutil
 
 import numpy as np
 import pytest
+from layouts import bare_layout
 
 from diffseg.runtime.backends import BackendUnavailableError, get_backend
 from diffseg.runtime.backends.ort_ops import OrtDeviceOps
 from diffseg.runtime.backends.ort_step_graphs import background_graph, blend_graph, gather_graph, step_graph
 from diffseg.runtime.diffusion_schedule import PREDICTION_TYPES, SchedulerConfig
 from diffseg.runtime.manifest import load_package, sha256_of
-from diffseg.runtime.sampling import DeviceLayout, SamplerOptions, WindowOptions, sample_step_major
+from diffseg.runtime.sampling import SamplerOptions, WindowOptions, sample_step_major
 from diffseg.runtime.scheduler import Scheduler
 
 onnx = pytest.importorskip("onnx")
@@ -32,25 +33,7 @@ def ort_cpu(default_package):
 
 
 def _ops(backend, k: int, padded: tuple[int, ...], patch: tuple[int, ...]) -> OrtDeviceOps:
-    layout = DeviceLayout(
-        samples=k,
-        padded=padded,
-        patch=patch,
-        image_channels=2,
-        noisy_channel=2,
-        prediction_channel=0,
-        output_channels=1,
-        variance_channel=None,
-        clip=None,
-        weight=np.ones(patch, np.float32),
-        inv_weight_sum=np.ones(padded, np.float32),
-        interior=None,
-        pad_value=0.0,
-        tasks=np.zeros((0, 2), np.int64),
-        starts=np.zeros((0, 4), np.int64),
-        skip_weight=None,
-    )
-    return OrtDeviceOps(backend, layout)
+    return OrtDeviceOps(backend, bare_layout(k, padded, patch, image_channels=2))
 
 
 def _run(dev: OrtDeviceOps, model, inputs: dict[str, np.ndarray], outputs: dict[str, tuple]) -> dict[str, np.ndarray]:

@@ -15,6 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from layouts import bare_layout  # noqa: E402
+
 from diffseg.runtime.diffusion_schedule import (  # noqa: E402
     PREDICTION_TYPES,
     SamplerOptions,
@@ -28,24 +30,7 @@ SHAPE = (2, 6, 10, 12)  # (K, *padded)
 
 def _layout(clip: float | None) -> DeviceLayout:
     k, *padded = SHAPE
-    return DeviceLayout(
-        samples=k,
-        padded=tuple(padded),
-        patch=(2, 2, 2),
-        image_channels=1,
-        noisy_channel=1,
-        prediction_channel=0,
-        output_channels=1,
-        variance_channel=None,
-        clip=clip,
-        weight=np.ones((2, 2, 2), np.float32),
-        inv_weight_sum=np.ones(padded, np.float32),
-        interior=None,
-        pad_value=0.0,
-        tasks=np.zeros((0, 2), np.int64),
-        starts=np.zeros((0, 4), np.int64),
-        skip_weight=None,
-    )
+    return bare_layout(k, tuple(padded), (2, 2, 2), image_channels=1, clip=clip)
 
 
 def _host(scheduler, layout, m, x, coef, z):
