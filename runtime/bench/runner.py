@@ -172,15 +172,26 @@ def _case_row(segmenter, case: BenchCase, options: BenchOptions, out: Path, flop
     if cuda is not None:
         cuda.synchronize()
         cuda.reset_peak_memory_stats()
-    write = (
-        None
-        if options.write_outputs
-        else WriteOptions(maps=False, tables=False, preview=False, seg=False, report=False)
-    )
+    nothing = WriteOptions(maps=False, tables=False, preview=False, seg=False, report=False)
+    write = None if options.write_outputs else nothing
     start = time.perf_counter()
     with PeakRssMonitor() as mon:  # as `diffseg predict`: the one pipeline, read to write
         case_output = segment_files(segmenter, case.ct, case.pet, out / case.name, case_id=case.name, write=write)
     wall = time.perf_counter() - start
+    row = _figures(case.name, case_output, options, wall, mon, flops, segmenter.package.manifest.spacing_mm)
+    if cuda is not None:
+        row["cuda_peak_allocated_bytes"] = int(cuda.max_memory_allocated())
+        row["cuda_peak_reserved_bytes"] = int(cuda.max_memory_reserved())
+    if case.truth is not None:
+        row["dice"] = dice(case_output.result.mask.array, read_volume(case.truth).array)
+    logger.info("case %s: %.2f s end to end (%d patch forwards)", case.name, row["total_s"], row["patch_forwards"])
+    return row
+
+
+def _figures(
+    name: str, case_output, options: BenchOptions, wall: float, mon, flops: int | None, spacing_mm: float
+) -> dict[str, Any]:
+    """One case's row from the pipeline's own figures: stage timings, counts, engine seconds and log."""
     result = case_output.result
     timings = {k: float(result.timings[k]) for k in STAGES if k in result.timings}
     if options.write_outputs:
@@ -190,9 +201,9 @@ def _case_row(segmenter, case: BenchCase, options: BenchOptions, out: Path, flop
     engine_s, forwards = counts.engine_seconds, counts.patch_forwards
     sample_s = timings.get("sample", 0.0)
     ct_shape = tuple(result.mask.shape)  # every output is on the CT's grid
-    model_shape = model_grid_shape(result.mask, segmenter.package.manifest.spacing_mm)
-    row: dict[str, Any] = {
-        "case": case.name,
+    model_shape = model_grid_shape(result.mask, spacing_mm)
+    return {
+        "case": name,
         "ct_shape": list(ct_shape),
         "model_grid_shape": list(model_shape),
         "windows": counts.windows,
@@ -218,13 +229,6 @@ def _case_row(segmenter, case: BenchCase, options: BenchOptions, out: Path, flop
         "lesions": len(result.lesions),
         "device_loop": result.options.device_loop,
     }
-    if cuda is not None:
-        row["cuda_peak_allocated_bytes"] = int(cuda.max_memory_allocated())
-        row["cuda_peak_reserved_bytes"] = int(cuda.max_memory_reserved())
-    if case.truth is not None:
-        row["dice"] = dice(result.mask.array, read_volume(case.truth).array)
-    logger.info("case %s: %.2f s end to end (%d patch forwards)", case.name, total, forwards)
-    return row
 
 
 def model_grid_shape(ct, spacing_mm: float) -> tuple[int, ...]:
