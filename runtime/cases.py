@@ -7,9 +7,10 @@ folder holding a CT and a PET series, or two series folders).
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .input_checks import InputChecks
 from .volume import Volume, read_volume
 
 __all__ = ["Case", "LoadedCase", "discover_cases", "load_case", "select_part"]
@@ -28,9 +29,13 @@ class Case:
 
 @dataclass
 class LoadedCase:
+    """A case as read: its volumes, the DICOM study they came from, and the input checks overridden on the way."""
+
     ct: Volume
     pet: Volume
     study: object | None = None  # a PetCtStudy for DICOM input (used to write DICOM SEG)
+    overrides: tuple[str, ...] = ()  # each input check overridden while reading, said in words
+    sources: dict[str, str] = field(default_factory=dict)  # what to call each input in messages, by modality
 
 
 def _image_named(folder: Path, stem: str) -> Path | None:
@@ -126,25 +131,27 @@ def select_part(cases: list[Case], num_parts: int, part_id: int) -> list[Case]:
     return sorted(cases, key=lambda c: c.case_id)[part_id::num_parts]
 
 
-def load_case(ct: Path, pet: Path | None, *, force_units: bool = False) -> LoadedCase:
+def load_case(ct: Path, pet: Path | None, *, checks: InputChecks | None = None) -> LoadedCase:
     """Read a case: two image files, two DICOM series folders, or one DICOM study folder (``pet`` None).
 
     Args:
         ct: CT image file or DICOM series folder, or a DICOM study folder.
         pet: PET image file or DICOM series folder; None with a study folder.
-        force_units: DICOM: use implausible quantitative attributes of the SUV as written (each is recorded in
-            ``study.overrides``) instead of refusing the case.
+        checks: the overrides of the input checks (None: none); DICOM SUV attributes used as written under
+            ``force_units`` are recorded in ``study.overrides``.
     """
+    checks = checks or InputChecks()
     if pet is not None and ct.is_file() and pet.is_file():
-        return LoadedCase(read_volume(ct), read_volume(pet))
+        return LoadedCase(read_volume(ct), read_volume(pet), sources={"CT": str(ct), "PT": str(pet)})
     from .dicom import read_pet_ct
 
     if pet is None:
         if not ct.is_dir():
             raise ValueError(f"{ct}: a single input must be a DICOM study folder holding a CT and a PET series")
-        study = read_pet_ct(ct, force_units=force_units)
+        study = read_pet_ct(ct, force_units=checks.force_units)
     else:
         if not (ct.is_dir() and pet.is_dir()):
             raise ValueError(f"--ct {ct} and --pet {pet} must both be image files or both DICOM series folders")
-        study = read_pet_ct((ct, pet), force_units=force_units)
-    return LoadedCase(study.ct, study.pet, study)
+        study = read_pet_ct((ct, pet), force_units=checks.force_units)
+    sources = {"CT": f"CT series {study.ct_series_uid}", "PT": f"PT series {study.pet_series_uid}"}
+    return LoadedCase(study.ct, study.pet, study, tuple(study.overrides), sources)

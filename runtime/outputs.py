@@ -187,6 +187,7 @@ def write_outputs(
         "lesion_count": len(result.lesions),
         "total_volume_ml": round(result.total_volume_ml, 4),
         "outputs": {k: p.name for k, p in paths.items()},
+        "overrides": list(result.overrides),
         **(extra or {}),
     }
     report = json.loads(json.dumps(report, default=str))

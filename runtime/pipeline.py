@@ -14,23 +14,34 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cases import load_case
+from .cases import LoadedCase, load_case
+from .input_checks import InputChecks, check_inputs
 from .outputs import WriteOptions, write_outputs
 from .postprocess import postprocess
 from .preprocess import ModelInput, prepare_input, resample_to
-from .result import SampleCounts, SegmentationResult
+from .result import SampleCounts, SegmentationResult, SegmentOptions
 from .sampling import LOOP_ORDERS, SampleResult
 from .volume import Volume, read_volume
 
 if TYPE_CHECKING:
+    from .manifest import Manifest
     from .segmenter import Segmenter
 
-__all__ = ["CaseOutput", "sample", "segment_files", "segment_volumes"]
+__all__ = [
+    "CaseOutput",
+    "PreparedCase",
+    "finish_case",
+    "prepare_case",
+    "sample",
+    "segment_files",
+    "segment_loaded",
+    "segment_volumes",
+]
 
 logger = logging.getLogger("diffseg")
 
@@ -77,50 +88,83 @@ def sample(
     return loop(model_input.image, backend.run, segmenter.scheduler_config, sampler, options.window, **kwargs)
 
 
-def segment_volumes(
-    segmenter: Segmenter,
-    ct: Volume | str | Path,
-    pet: Volume | str | Path | None,
+@dataclass(frozen=True)
+class PreparedCase:
+    """A case ready for the sampler: what was read, the model input, and the stages so far.
+
+    Attributes:
+        loaded: the case as read (volumes, DICOM study, overrides of the reader's checks).
+        model_input: the case on the model grid.
+        seed: the case's noise seed.
+        overrides: every input check overridden, reading included, said in words.
+        timings: seconds of the ``read`` and ``prepare`` stages.
+    """
+
+    loaded: LoadedCase
+    model_input: ModelInput
+    seed: int
+    overrides: tuple[str, ...]
+    timings: dict[str, float]
+
+
+def prepare_case(
+    manifest: Manifest,
+    options: SegmentOptions,
+    loaded: LoadedCase,
     *,
     seed: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    checks: InputChecks | None = None,
     read_seconds: float = 0.0,
-) -> SegmentationResult:
-    """Segment one case given as volumes (or image files).
+) -> PreparedCase:
+    """The first stage: the volumes a model needs, checked, onto the model grid (needs no backend).
 
     Args:
-        segmenter: the loaded model, backend and options.
-        ct: CT in HU (Volume or image file).
-        pet: PET in SUVbw on its own grid (Volume or image file); None for a model without a PET input.
-        seed: this case's noise seed (None: the segmenter's).
-        progress: called with the number of finished engine calls after each call.
-        read_seconds: time the caller spent reading the inputs (recorded as the ``read`` stage).
-
-    Raises:
-        ValueError, FileNotFoundError: unreadable inputs, an input the model needs missing, or inputs that do not
-            overlap.
+        manifest: the model package's manifest (modalities, normalisation, spacing).
+        options: the segment options (candidate rule, the default seed).
+        loaded: the case as read.
+        seed: this case's noise seed (None: ``options.sampler.seed``).
+        checks: the overrides of the input checks (None: none).
+        read_seconds: time spent reading (the ``read`` stage).
     """
     stages = _Stages(read_seconds)
-    ct_v = _as_volume(ct, "ct")
-    pet_v = None if pet is None else _as_volume(pet, "pet")
-    stages.lap("read")
-    m = segmenter.package.manifest
-    volumes = {"CT": ct_v} if pet_v is None else {"CT": ct_v, "PT": pet_v}
+    volumes = {"CT": loaded.ct} if loaded.pet is None else {"CT": loaded.ct, "PT": loaded.pet}
+    volumes, overrides = check_inputs(volumes, loaded.sources, checks or InputChecks())
+    loaded = replace(loaded, ct=volumes["CT"], pet=volumes.get("PT"))
     model_input = prepare_input(
-        volumes, m.modalities, m.normalisation, m.spacing_mm, candidate=segmenter.options.candidate
+        volumes, manifest.modalities, manifest.normalisation, manifest.spacing_mm, candidate=options.candidate
     )
     stages.lap("prepare")
-    seed = segmenter.options.sampler.seed if seed is None else int(seed)
-    s = sample(segmenter, model_input, seed, progress)
-    stages.lap("sample")
-    ct_grid = ct_v.grid
-    probability, uncertainty, entropy = (
-        resample_to(model_input.uncrop(a), ct_grid, "linear") for a in (s.mean, s.std, s.entropy)
-    )
-    pet_on_ct = None if pet_v is None else resample_to(pet_v, ct_grid, "linear", default=0.0)
-    post = postprocess(probability, pet_on_ct, segmenter.options.postprocess)
+    seed = options.sampler.seed if seed is None else int(seed)
+    return PreparedCase(loaded, model_input, seed, (*loaded.overrides, *overrides), stages.seconds)
+
+
+def finish_case(
+    prepared: PreparedCase,
+    samples: SampleResult,
+    options: SegmentOptions,
+    settings: Mapping[str, Any],
+    sample_seconds: float,
+) -> SegmentationResult:
+    """The last stage: the sampler's maps back onto the CT grid (each once, the PET once), then postprocessing.
+
+    Args:
+        prepared: the case as :func:`prepare_case` gave it.
+        samples: the sampler's result for ``prepared.model_input``.
+        options: the segment options the samples were drawn with.
+        settings: the segmenter's settings for ``options`` (model, backend, precision), for the report.
+        sample_seconds: time the sampler took (the ``sample`` stage).
+    """
+    stages = _Stages()
+    stages.seconds = {**prepared.timings, "sample": sample_seconds}
+    ct_grid = prepared.loaded.ct.grid
+    uncrop = prepared.model_input.uncrop
+    s = samples
+    probability, uncertainty, entropy = (resample_to(uncrop(a), ct_grid, "linear") for a in (s.mean, s.std, s.entropy))
+    pet = prepared.loaded.pet
+    pet_on_ct = None if pet is None else resample_to(pet, ct_grid, "linear", default=0.0)
+    post = postprocess(probability, pet_on_ct, options.postprocess)
     stages.lap("postprocess")
-    options = replace(segmenter.options, sampler=replace(segmenter.options.sampler, seed=seed))
+    options = replace(options, sampler=replace(options.sampler, seed=prepared.seed))
     counts = SampleCounts(
         windows=s.windows,
         windows_skipped=s.windows_skipped,
@@ -139,11 +183,64 @@ def segment_volumes(
         pet_on_ct=pet_on_ct,
         lesions=tuple(post.lesions),
         options=options,
-        settings=segmenter.settings(options),
+        settings=settings,
         counts=counts,
         timings=stages.seconds,
         engine_log=s.engine_log,
+        overrides=prepared.overrides,
     )
+
+
+def segment_loaded(
+    segmenter: Segmenter,
+    loaded: LoadedCase,
+    *,
+    seed: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    checks: InputChecks | None = None,
+    read_seconds: float = 0.0,
+) -> SegmentationResult:
+    """A case as read through the three stages: :func:`prepare_case` → :func:`sample` → :func:`finish_case`."""
+    options = segmenter.options
+    prepared = prepare_case(
+        segmenter.package.manifest, options, loaded, seed=seed, checks=checks, read_seconds=read_seconds
+    )
+    start = time.perf_counter()
+    samples = sample(segmenter, prepared.model_input, prepared.seed, progress)
+    sample_seconds = time.perf_counter() - start
+    used = replace(options, sampler=replace(options.sampler, seed=prepared.seed))
+    return finish_case(prepared, samples, options, segmenter.settings(used), sample_seconds)
+
+
+def segment_volumes(
+    segmenter: Segmenter,
+    ct: Volume | str | Path,
+    pet: Volume | str | Path | None,
+    *,
+    seed: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    checks: InputChecks | None = None,
+) -> SegmentationResult:
+    """Segment one case given as volumes (or image files).
+
+    Args:
+        segmenter: the loaded model, backend and options.
+        ct: CT in HU (Volume or image file).
+        pet: PET in SUVbw on its own grid (Volume or image file); None for a model without a PET input.
+        seed: this case's noise seed (None: the segmenter's).
+        progress: called with the number of finished engine calls after each call.
+        checks: the overrides of the input checks (None: none).
+
+    Raises:
+        ValueError, FileNotFoundError: unreadable or implausible inputs, an input the model needs missing, or
+            inputs that do not overlap.
+    """
+    start = time.perf_counter()
+    inputs = (("CT", "ct", ct), ("PT", "pet", pet))
+    sources = {code: str(v) if isinstance(v, str | Path) else name for code, name, v in inputs}
+    loaded = LoadedCase(_as_volume(ct, "ct"), None if pet is None else _as_volume(pet, "pet"), sources=sources)
+    read_seconds = time.perf_counter() - start
+    return segment_loaded(segmenter, loaded, seed=seed, progress=progress, checks=checks, read_seconds=read_seconds)
 
 
 @dataclass(frozen=True)
@@ -173,7 +270,7 @@ def segment_files(
     write: WriteOptions | None = None,
     seed: int | None = None,
     progress: Callable[[int], None] | None = None,
-    force_units: bool = False,
+    checks: InputChecks | None = None,
 ) -> CaseOutput:
     """Read, segment and write one case.
 
@@ -186,18 +283,16 @@ def segment_files(
         write: which outputs to write (None: all).
         seed: this case's noise seed (None: the segmenter's).
         progress: called with the number of finished engine calls after each call.
-        force_units: DICOM: use implausible SUV attributes as written; each override goes into the report.
+        checks: the overrides of the input checks (None: none); each use goes into the report.
 
     Raises:
         ValueError, FileNotFoundError: unreadable or implausible inputs.
     """
     start = time.perf_counter()
-    loaded = load_case(ct, pet, force_units=force_units)
+    loaded = load_case(ct, pet, checks=checks)
     read_seconds = time.perf_counter() - start
-    result = segment_volumes(segmenter, loaded.ct, loaded.pet, seed=seed, progress=progress, read_seconds=read_seconds)
+    result = segment_loaded(segmenter, loaded, seed=seed, progress=progress, checks=checks, read_seconds=read_seconds)
     extra: dict[str, Any] = {"case_id": case_id, "inputs": {"ct": str(ct), "pet": None if pet is None else str(pet)}}
-    if loaded.study is not None:
-        extra["overrides"] = list(loaded.study.overrides)
     start = time.perf_counter()
     paths, report = write_outputs(result, out_dir, ct=loaded.ct, study=loaded.study, options=write, extra=extra)
     write_seconds = time.perf_counter() - start

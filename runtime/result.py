@@ -128,6 +128,7 @@ class SegmentationResult:
         counts: windows, skipped, retired, engine calls, patch-forwards, engine and sampler seconds.
         timings: seconds per stage (:data:`STAGES` up to ``postprocess``; ``write`` is the writer's).
         engine_log: ``[calls, 4]`` (start, end, batch, timestep) of every engine call.
+        overrides: every input check overridden for this case (``force_units``, ``nan_as``), said in words.
     """
 
     mask: Volume
@@ -142,9 +143,11 @@ class SegmentationResult:
     counts: SampleCounts
     timings: Mapping[str, float]
     engine_log: np.ndarray = field(repr=False)
+    overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lesions", tuple(self.lesions))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
         object.__setattr__(self, "timings", _read_only(self.timings))
         if any(not math.isfinite(v) or v < 0 for v in self.timings.values()):
             raise ValueError(f"timings must be finite seconds >= 0, got {dict(self.timings)}")

@@ -15,6 +15,7 @@ from typing import Any
 
 from .backends import Backend, get_backend
 from .diffusion_schedule import SamplerOptions, SchedulerConfig
+from .input_checks import InputChecks
 from .manifest import Manifest, ModelPackage, load_package
 from .postprocess import PostprocessOptions
 from .preprocess import CandidateRule
@@ -190,6 +191,7 @@ class Segmenter:
         *,
         seed: int | None = None,
         progress: Callable[[int], None] | None = None,
+        checks: InputChecks | None = None,
     ) -> SegmentationResult:
         """Segment one case (:func:`diffseg.runtime.pipeline.segment_volumes`).
 
@@ -198,16 +200,17 @@ class Segmenter:
             pet: PET in SUVbw on its own grid (Volume or image file).
             seed: this case's noise seed (None: the Segmenter's).
             progress: called with the number of finished engine calls after each call.
+            checks: the overrides of the input checks (None: none); each use is in ``result.overrides``.
 
         Raises:
-            ValueError, FileNotFoundError: unreadable inputs or inputs that do not overlap.
+            ValueError, FileNotFoundError: unreadable or implausible inputs, or inputs that do not overlap.
             RuntimeError: the segmenter was closed.
         """
         from .pipeline import segment_volumes
 
         if self.closed:
             raise RuntimeError("this Segmenter was closed; create a new one to segment more cases")
-        return segment_volumes(self, ct, pet, seed=seed, progress=progress)
+        return segment_volumes(self, ct, pet, seed=seed, progress=progress, checks=checks)
 
 
 def describe_timings(timings: Mapping[str, float]) -> str:

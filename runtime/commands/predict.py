@@ -93,11 +93,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="DICOM: use implausible SUV attributes (dose, weight, half-life, times) as written instead of refusing "
         "the case; each override is recorded in report.json",
     )
+    parser.add_argument(
+        "--nan-as",
+        type=float,
+        metavar="VALUE",
+        help="set NaN and infinite voxels of an input image to VALUE instead of refusing the case (recorded in "
+        "report.json)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_arguments(parser)
 
 
-def segment_case(segmenter, case, out_dir: Path, progress: bool, label: str, force_units: bool = False) -> dict:
+def input_checks(args: argparse.Namespace):
+    """The overrides of the input checks that the command line gives."""
+    from diffseg.runtime.input_checks import InputChecks
+
+    return InputChecks(force_units=args.force_units, nan_as=args.nan_as)
+
+
+def segment_case(segmenter, case, out_dir: Path, progress: bool, label: str, checks=None) -> dict:
     """One case through the pipeline with a progress bar of engine calls; returns the report."""
     from tqdm import tqdm
 
@@ -113,7 +127,7 @@ def segment_case(segmenter, case, out_dir: Path, progress: bool, label: str, for
 
     try:
         output = segment_files(
-            segmenter, case.ct, case.pet, out_dir, case_id=case.case_id, progress=tick, force_units=force_units
+            segmenter, case.ct, case.pet, out_dir, case_id=case.case_id, progress=tick, checks=checks
         )
         return output.report
     finally:
@@ -139,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     if args.input is None:
         segmenter = make_segmenter(args)
         case = Case("case", args.ct, args.pet)
-        report = segment_case(segmenter, case, args.output, not args.no_progress, "case", args.force_units)
+        report = segment_case(segmenter, case, args.output, not args.no_progress, "case", input_checks(args))
         print(
             f"{args.output}: {report['lesion_count']} lesion(s), {report['total_volume_ml']:.2f} ml; "
             f"backend {report['settings']['backend']} {report['settings']['precision']}; "
@@ -153,12 +167,11 @@ def run(args: argparse.Namespace) -> int:
     if not todo:
         return 0
     segmenter = make_segmenter(args)
+    checks = input_checks(args)
     failures = {}
     for case in tqdm(todo, desc="cases", unit="case", disable=args.no_progress):
         try:
-            segment_case(
-                segmenter, case, args.output / case.case_id, not args.no_progress, case.case_id, args.force_units
-            )
+            segment_case(segmenter, case, args.output / case.case_id, not args.no_progress, case.case_id, checks)
         except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
             logger.error("case %s failed: %s", case.case_id, exc)
             print(f"case {case.case_id} FAILED: {exc}")
