@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .image_file import check_grid_limits
+from .units import check_units
 from .volume import Volume
 
 __all__ = ["InputChecks", "check_inputs", "finite_voxels"]
@@ -85,7 +87,9 @@ def check_inputs(
     used: dict[str, Volume] = {}
     overrides: list[str] = []
     for code, volume in volumes.items():
+        check_grid_limits(volume.grid, sources.get(code, code))  # before any copy of an oversized volume
         volume, override = finite_voxels(volume, sources.get(code, code), checks.nan_as)
         overrides += [override] if override else []
+        overrides += filter(None, [check_units(volume, code, sources.get(code, code), checks.force_units)])
         used[code] = volume
     return used, tuple(overrides)

@@ -23,7 +23,7 @@ import numpy as np
 if TYPE_CHECKING:
     import SimpleITK as sitk
 
-__all__ = ["GridSpec", "Volume", "read_volume", "write_volume"]
+__all__ = ["GridSpec", "Volume", "read_volume", "scalar_3d_problem", "write_volume"]
 
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -236,10 +236,11 @@ class Volume:
     def from_sitk(cls, image: sitk.Image) -> Volume:
         import SimpleITK as sitk
 
-        if image.GetDimension() != 3:
-            raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")
-        if image.GetNumberOfComponentsPerPixel() != 1:
-            raise ValueError(f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} components")
+        problem = scalar_3d_problem(
+            image.GetDimension(), image.GetNumberOfComponentsPerPixel(), image.GetSize(), image.GetPixelIDTypeAsString()
+        )
+        if problem:
+            raise ValueError(problem)
         return cls(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
 
     def __repr__(self) -> str:
@@ -253,36 +254,83 @@ class Volume:
         )
 
 
+def scalar_3d_problem(dimension: int, components: int, size: tuple[int, ...], pixel_type: str = "") -> str | None:
+    """Why an image of this shape is not a 3D scalar image, in words, or None: the one place that says it (for
+    :meth:`Volume.from_sitk` and for the file reader, which asks before reading the voxels).
+
+    Args:
+        dimension: the image's number of dimensions.
+        components: values per voxel.
+        size: voxels per axis (x, y, ...).
+        pixel_type: SimpleITK's pixel type in words, for the message.
+    """
+    shape = "×".join(str(int(n)) for n in size)
+    if dimension != 3:
+        return (
+            f"the image is {dimension}D (size {shape}); a 3D scalar image is needed (one volume, one value per "
+            "voxel): export the single 3D volume (one frame of a 4D series)"
+        )
+    if components != 1:
+        kind = f" ({pixel_type})" if pixel_type else ""
+        return (
+            f"the image has {components} components per voxel{kind}, size {shape}; a 3D scalar image is needed (one "
+            "value per voxel, not RGB or a vector field): export the scalar volume"
+        )
+    return None
+
+
 def read_volume(path: str | Path) -> Volume:
-    """Read a NIfTI/NRRD/MHA file (anything SimpleITK reads) as a ``Volume``.
+    """Read a NIfTI/NRRD/MHA file (anything SimpleITK reads) as a ``Volume``, only once it is known to be whole.
+
+    :func:`diffseg.runtime.image_file.read_image` checks the header and counts the voxel data before SimpleITK
+    reads a voxel (see that module for what is checked).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not a readable 3D scalar image; the message names the file.
+        ValueError: the file is empty, truncated, corrupt, not a 3D scalar image, has a spacing that is not positive
+            and finite, or is over a limit of ``image_file``; the message names the file and says what to do.
     """
-    import SimpleITK as sitk
+    from .image_file import read_image
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise ValueError(f"{path}: cannot read image ({first})") from None
+    image = read_image(path)
     try:
         return Volume.from_sitk(image)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
 
 
-def write_volume(volume: Volume, path: str | Path) -> Path:
-    """Write atomically: into a temporary file beside the target, then rename."""
+def write_volume(volume: Volume, path: str | Path, *, mode: int | None = None) -> Path:
+    """Write ``volume`` with the one writer (``atomic.atomic_path``): a temporary file, checked, then renamed.
+
+    The check reads the written file back: its header with SimpleITK (the size must be the volume's) and, for
+    ``.nii.gz``, the whole gzip stream (CRC, length, every voxel there); SimpleITK does not report a full disk, the
+    check does.
+
+    Args:
+        volume: the volume.
+        path: the image file; its suffix picks the format (``.nii.gz``, ``.nrrd``, ``.mha``).
+        mode: the file's permission bits, set exactly; None: 0o666 less the umask.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        OSError: the write or its check failed; the message names ``path``, which is left as it was.
+    """
+    import errno
+
     import SimpleITK as sitk
 
-    from .atomic import atomic_path
+    from .atomic import atomic_path, check_image
 
     path = Path(path)
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(volume.to_sitk(), str(tmp), useCompression=True)
+    image = volume.to_sitk()
+    size = tuple(int(n) for n in image.GetSize())
+    with atomic_path(path, mode=mode, check=lambda tmp: check_image(tmp, size=size, data=False)) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+        except RuntimeError as exc:
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "no detail"
+            raise OSError(errno.EIO, f"SimpleITK could not write the image ({last})") from None
     return path
