@@ -1,24 +1,27 @@
 """DICOM in and out: find and load CT/PET series (PET in SUVbw), write and read DICOM SEG, lesion tables,
 and synthetic DICOM series of the phantoms.
 
-Stages, one module each: ``scan`` (files → series) → ``select`` (rules → one series) → ``series`` (series →
-``Volume``, with ``geometry`` and ``suv``) → ``study`` (a PET/CT study); ``seg`` and ``report`` write
-results; ``synthetic`` writes phantoms as DICOM. Errors on bad input are ``DicomInputError`` (a
+Stages, one module each: ``scan`` (files → series, each file read by ``files``) → ``select`` (rules → one series)
+→ ``series`` (series → ``Volume``, with ``geometry``, ``suv`` and the ranges of ``plausibility``) → ``study`` (a
+PET/CT study); ``folders`` tells from headers alone what a folder holds (for finding cases); ``seg`` and
+``report`` write results; ``synthetic`` writes phantoms as DICOM. Errors on bad input are ``DicomInputError`` (a
 ``ValueError``) naming the series or file and the problem.
 """
 
 from __future__ import annotations
 
 from .errors import DicomInputError
+from .files import read_dataset
 from .geometry import GeometryOptions, align_to_grid, sort_slices
 from .report import LESION_KEYS, lesion_table_header, write_lesion_table
-from .scan import ScanResult, SeriesInfo, SkippedFile, scan_dicom, scan_dicom_folder
+from .scan import ScanResult, SeriesInfo, SkippedFile, scan_dicom, scan_dicom_folder, skipped_summary
 from .seg import SegOptions, read_seg, write_seg
 from .select import CT_RULES, PET_RULES, SeriesRules, select_series, series_mismatches
 from .series import LoadedSeries, LoadOptions, load_series, read_series
 from .study import PatientInfo, PetCtRules, PetCtStudy, read_pet_ct
-from .suv import SuvConversion, parse_dicom_datetime, parse_dicom_dt, suv_conversion
+from .suv import SuvConversion, suv_conversion
 from .synthetic import UID_ROOT, SyntheticDicomOptions, phantom_uid, write_phantom_dicom
+from .times import parse_dicom_datetime, parse_dicom_dt
 
 __all__ = [
     "CT_RULES",
@@ -45,6 +48,7 @@ __all__ = [
     "parse_dicom_datetime",
     "parse_dicom_dt",
     "phantom_uid",
+    "read_dataset",
     "read_pet_ct",
     "read_seg",
     "read_series",
@@ -52,6 +56,7 @@ __all__ = [
     "scan_dicom_folder",
     "select_series",
     "series_mismatches",
+    "skipped_summary",
     "sort_slices",
     "suv_conversion",
     "write_lesion_table",

@@ -1,4 +1,5 @@
-"""Plausible ranges of the quantitative inputs of SUVbw, and the check that refuses (or records) a value outside.
+"""Plausible ranges of the quantitative DICOM attributes (the inputs of SUVbw, the CT and PET rescale), and the check
+that refuses (or records) a value outside.
 
 The usual failure is a unit slip: MBq written for Bq, grams for kg, which silently scales every SUV by 10⁶ or 10³.
 A value outside its range is refused with the file, the attribute and the value, unless the caller passes
@@ -17,7 +18,7 @@ from .errors import DicomInputError
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-__all__ = ["PLAUSIBLE_RANGES", "PlausibleRange", "check_plausible"]
+__all__ = ["PET_UNITS", "PLAUSIBLE_RANGES", "PlausibleRange", "check_plausible", "file_of", "refuse_unless_forced"]
 
 logger = logging.getLogger("diffseg")
 
@@ -91,12 +92,70 @@ PLAUSIBLE_RANGES: dict[str, PlausibleRange] = {
         "the injection or the scan date/time is wrong (injection after the scan, a day off, clocks not set), "
         "or RadionuclideHalfLife is not in seconds",
     ),
+    # Half-lives from an injection given as a time only (RadiopharmaceuticalStartTime) that lies after the scan,
+    # taken as the day before, to the scan: an injection shortly before midnight and a scan after it (typical
+    # uptakes: 1 h, delayed imaging up to 3-4 h of F-18 = 2 half-lives). 3 half-lives (F-18: 5.5 h, Ga-68: 3.4 h)
+    # leaves room for those; an injection at 23:59 for a scan at 11:00 (11 h, 6 half-lives of F-18) is a clock
+    # or typing error that the 10 half-lives of "uptake" would let through.
+    "uptake over midnight": PlausibleRange(
+        0.0,
+        3.0,
+        "half-lives",
+        "time from an injection after the scan, taken as the day before, to the scan",
+        "the injection or the scan time is wrong (a clock not set, a time typed in); RadiopharmaceuticalStartDateTime "
+        "with the date settles it",
+    ),
+    # HU (CT Image IOD). −1024 (Siemens, GE and most), −1000 (Philips), 0 (signed HU: Canon/Toshiba and most
+    # converters), down to −8192 or −32768 where a converter stores signed or extended-range values unsigned. A
+    # positive intercept is no scanner's (air would be above 0 HU); RescaleSlope is only required > 0 (any other
+    # slope is refused outright), and the HU that come out are checked again by ``diffseg.runtime.units``.
+    "RescaleIntercept CT": PlausibleRange(
+        -32768.0,
+        0.0,
+        "HU",
+        "CT rescale intercept",
+        "HU = stored × RescaleSlope + RescaleIntercept: a positive intercept puts air above 0 HU (a sign slip, or "
+        "the intercept of another unit)",
+    ),
+    # Bq/ml (PET Image module, PS3.3 C.8.9.4: "The Rescale Intercept is always zero for PET images"); a
+    # non-zero one is a wrongly written series.
+    "RescaleIntercept PT": PlausibleRange(
+        0.0,
+        0.0,
+        "",
+        "PET rescale intercept (always 0 in a PET image, PS3.3 C.8.9.4)",
+        "a non-zero PET RescaleIntercept is not written by any conformant scanner: the series was altered or "
+        "wrongly converted",
+    ),
 }
+
+#: DICOM PET Units (PS3.3 C.8.9.1.1.3), for messages: only BQML is converted, GML is taken as SUVbw.
+PET_UNITS: dict[str, str] = {
+    "CNTS": "counts: needs the vendor's scale factor, e.g. Philips' private SUV or activity scale factor",
+    "NONE": "unitless",
+    "CM2": "cm²",
+    "CM2ML": "cm²/ml: SUVbsa",
+    "PCNT": "percent",
+    "CPS": "counts/s",
+    "MGMINML": "mg/min/ml: a metabolic rate image",
+    "UMOLMINML": "µmol/min/ml: a metabolic rate image",
+    "MLMING": "ml/min/g: a perfusion image",
+    "MLG": "ml/g",
+    "1CM": "1/cm: an attenuation map",
+    "UMOLML": "µmol/ml",
+    "PROPCNTS": "proportional to counts",
+    "PROPCPS": "proportional to counts/s",
+    "MLMINML": "ml/min/ml",
+    "MLML": "ml/ml",
+    "STDDEV": "standard deviations",
+}
+
 
 _FORCE_HINT = "pass force_units=True (CLI: --force-units) to use it as written; the override is recorded"
 
 
-def _file_of(ds: Dataset) -> str:
+def file_of(ds: Dataset) -> str:
+    """The file a dataset was read from, for messages."""
     filename = getattr(ds, "filename", None)
     return str(filename) if filename else "its first slice"
 
@@ -129,14 +188,33 @@ def check_plausible(
     plausible = PLAUSIBLE_RANGES[key]
     if plausible.low <= value <= plausible.high:
         return
-    where = f"{attribute} of {_file_of(ds)} is {shown}"
-    outside = (
-        f"outside the plausible range of the {plausible.what}, {plausible.low:g} … {plausible.high:g} {plausible.unit}"
+    span = f"{plausible.low:g}" if plausible.low == plausible.high else f"{plausible.low:g} … {plausible.high:g}"
+    outside = f"outside the plausible range of the {plausible.what}, {span} {plausible.unit}".rstrip()
+    refuse_unless_forced(
+        f"{attribute} of {file_of(ds)} is {shown}", outside, plausible.hint, name, force_units, overrides
     )
+
+
+def refuse_unless_forced(
+    where: str, problem: str, hint: str, name: str, force_units: bool, overrides: list[str]
+) -> None:
+    """Refuse an implausible DICOM value, or with ``force_units`` log it and record it in ``overrides``.
+
+    Args:
+        where: the attribute, its file and its value, in words.
+        problem: what is implausible about it.
+        hint: the likely mistake.
+        name: the series, as messages name it.
+        force_units: use the value as written (logged as a warning) instead of refusing it.
+        overrides: where a value used as written is recorded, one line each.
+
+    Raises:
+        DicomInputError: ``force_units`` is False; the message gives ``where``, ``problem``, ``hint`` and the
+            override.
+    """
     if not force_units:
         raise DicomInputError(
-            f"{name}: {where}, {outside}: {plausible.hint}. Correct the DICOM export, or if the value is right, "
-            f"{_FORCE_HINT}."
+            f"{name}: {where}, {problem}: {hint}. Correct the DICOM export, or if the value is right, {_FORCE_HINT}."
         )
-    logger.warning("%s: force_units: %s, %s; used as written", name, where, outside)
-    overrides.append(f"{name}: {where}, {outside}; used as written (force_units)")
+    logger.warning("%s: force_units: %s, %s; used as written", name, where, problem)
+    overrides.append(f"{name}: {where}, {problem}; used as written (force_units)")

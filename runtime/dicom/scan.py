@@ -1,17 +1,21 @@
 """Find the image series in a folder of DICOM files.
 
 Every file under the folder is opened once with pydicom (pixel data included, so that a truncated file is
-found here and not half-way through a volume); what is kept is the header without its pixel data. Files that
-are not DICOM, DICOM objects that are not single-frame images (SEG, SR, RTSTRUCT, presentation states,
-DICOMDIR, multi-frame enhanced images) and files that cannot be read are skipped, each with a logged reason
-and an entry in ``ScanResult.skipped``. A file whose header names its series but whose pixel data is cut
-short is recorded on its series (``SeriesInfo.broken_files``), so that loading that series fails with the
-file's name instead of giving a volume with a slice missing.
+found here and not half-way through a volume; files without the Part 10 preamble are read too, see
+``files.read_dataset``); what is kept is the header without its pixel data. Files that are not DICOM, DICOM
+objects that are not single-frame images (SEG, SR, RTSTRUCT, presentation states, DICOMDIR, secondary captures,
+multi-frame enhanced images) and files that cannot be read are skipped, each with a logged reason and an entry
+in ``ScanResult.skipped`` (``skipped_summary`` says them in one line for an error message). A file whose header
+names its series but that cannot be used in its volume (pixel data cut short, no ImagePositionPatient,
+ImageOrientationPatient or PixelSpacing) is recorded on its series (``SeriesInfo.broken_files``), so that loading
+that series fails with the file's name instead of giving a volume with a slice missing, at an end of the stack
+as well as inside it.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +23,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .files import NOT_DICOM, read_dataset
+
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-__all__ = ["ScanResult", "SeriesInfo", "SkippedFile", "scan_dicom", "scan_dicom_folder"]
+__all__ = ["ScanResult", "SeriesInfo", "SkippedFile", "scan_dicom", "scan_dicom_folder", "skipped_summary"]
 
 logger = logging.getLogger("diffseg")
 
@@ -73,7 +79,8 @@ class SeriesInfo:
         sop_class_uid: SOPClassUID of the first file.
         files: the image files in the order found (sorted path order, not slice order).
         headers: the datasets of ``files`` without pixel data, in the same order.
-        broken_files: files of this series that cannot be read (truncated), with the reason.
+        broken_files: files of this series that cannot be used (truncated, or without their position in the
+            volume), with the reason.
     """
 
     series_instance_uid: str
@@ -156,18 +163,35 @@ def _classify(path: Path) -> tuple[Dataset | None, SkippedFile | None]:
     """Read one file.
 
     Returns ``(header, None)`` for a usable image slice (pixel data dropped), ``(None, skip)`` for a file
-    that is not used, and ``(header, skip)`` for an image slice of a known series that cannot be read
-    (truncated).
+    that is not used, and ``(header, skip)`` for an image slice of a known series that cannot be used
+    (truncated, or without its position).
     """
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path)
+        ds = read_dataset(path)
     except InvalidDicomError:
-        return None, SkippedFile(path, "not DICOM (no DICM preamble)")
+        return None, SkippedFile(path, NOT_DICOM)
     except Exception as exc:  # pydicom raises struct.error, EOFError, ... on cut or corrupt headers
-        return None, SkippedFile(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})", broken=True)
+        return None, SkippedFile(path, f"unreadable DICOM header ({_why(exc)})", broken=True)
+    try:
+        # pydicom converts each element when it is first used, and raises then (NotImplementedError for an
+        # unknown VR, ValueError...): convert them all here, so that a damaged element is this file's problem.
+        ds.walk(lambda dataset, element: None)
+        return _classified(path, ds)
+    except Exception as exc:  # those, and values unlike their VR (an empty Rows: TypeError)
+        return None, SkippedFile(path, f"unreadable DICOM header ({_why(exc)})", broken=True)
+
+
+def _why(exc: Exception) -> str:
+    """An exception in one line: its type and the last line of its message (pydicom adds tracebacks), cut short."""
+    lines = str(exc).strip().splitlines()
+    last = (lines[-1] if lines else "").removeprefix(f"{type(exc).__name__}: ")
+    return f"{type(exc).__name__}: {last[:200]}"
+
+
+def _classified(path: Path, ds: Dataset) -> tuple[Dataset | None, SkippedFile | None]:
+    """``_classify`` of a file that pydicom read."""
     meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
     if sop_class in _NON_VOLUME_SOP_CLASSES:
@@ -183,7 +207,8 @@ def _classify(path: Path) -> tuple[Dataset | None, SkippedFile | None]:
             return None, SkippedFile(path, "truncated or corrupt: header ends before SeriesInstanceUID", broken=True)
         return None, SkippedFile(path, "no pixel data (not an image)")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        return None, SkippedFile(path, "multi-frame image (enhanced or cine): only single-frame slices are read")
+        reason = f"multi-frame image ({_sop_name(sop_class)}): only single-frame slices are read"
+        return None, SkippedFile(path, reason)
     missing = [
         k
         for k in (
@@ -197,8 +222,15 @@ def _classify(path: Path) -> tuple[Dataset | None, SkippedFile | None]:
         )
         if k not in ds
     ]
+    if missing and "SeriesInstanceUID" in ds:
+        # A slice of a series that cannot be placed in its volume: the series is refused if it is loaded, naming
+        # this file (dropped, an end slice would leave no gap for the geometry checks to see).
+        reason = f"image without {', '.join(missing)}: its place in the volume is unknown"
+        return _drop_pixels(ds), SkippedFile(path, reason)
     if missing:
         return None, SkippedFile(path, f"image without {', '.join(missing)}: not part of a 3D volume")
+    if min(int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)) < 1:  # not numbers: ValueError, see _classify
+        return None, SkippedFile(path, "image of 0 rows, columns or bits: a broken header", broken=True)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta else ""
     if syntax in _NATIVE_SYNTAXES or not syntax:
         expected, got = _expected_pixel_bytes(ds), len(ds.PixelData)
@@ -206,6 +238,37 @@ def _classify(path: Path) -> tuple[Dataset | None, SkippedFile | None]:
             reason = f"truncated: pixel data holds {got} of {expected} bytes"
             return _drop_pixels(ds), SkippedFile(path, reason, broken=True)
     return _drop_pixels(ds), None
+
+
+def _sop_name(uid: str) -> str:
+    """The name of a SOP class UID (``Enhanced CT Image Storage``), or the UID when pydicom does not know it."""
+    from pydicom.uid import UID
+
+    name = UID(uid).name if uid else ""
+    return name if name and name != uid else uid or "no SOPClassUID"
+
+
+def skipped_summary(skipped: Iterable[SkippedFile], limit: int = 6) -> str:
+    """The skipped files in one line: a count per reason (figures in reasons aside) and one example file each.
+
+    Args:
+        skipped: from ``ScanResult.skipped``.
+        limit: most reasons listed (the rest are counted).
+
+    Returns:
+        e.g. ``120 files skipped: 118 × multi-frame image (Enhanced CT Image Storage): only single-frame slices
+        are read, e.g. /data/ct/1.dcm; 2 × not DICOM (...), e.g. /data/README.txt``; '' when nothing was skipped.
+    """
+    groups: dict[str, list[SkippedFile]] = {}
+    for skip in skipped:
+        groups.setdefault(re.sub(r"\d+", "N", skip.reason), []).append(skip)
+    if not groups:
+        return ""
+    ranked = sorted(groups.values(), key=len, reverse=True)
+    parts = [f"{len(g)} × {g[0].reason}, e.g. {g[0].path}" for g in ranked[:limit]]
+    if len(ranked) > limit:
+        parts.append(f"{sum(len(g) for g in ranked[limit:])} more for {len(ranked) - limit} other reason(s)")
+    return f"{sum(len(g) for g in ranked)} file(s) skipped: {'; '.join(parts)}"
 
 
 def _drop_pixels(ds: Dataset) -> Dataset:
@@ -225,13 +288,13 @@ def _group(found: list[tuple[Path, Dataset, SkippedFile | None]]) -> list[Series
         if not good:
             continue  # nothing readable: its files are listed in ScanResult.skipped
         first = good[0][1]
-        number = first.get("SeriesNumber")
+        number = str(first.get("SeriesNumber", "") or "").strip()
         series.append(
             SeriesInfo(
                 series_instance_uid=uid,
                 study_instance_uid=str(first.get("StudyInstanceUID", "")),
                 modality=str(first.get("Modality", "")).upper(),
-                series_number=int(number) if number not in (None, "") else None,
+                series_number=int(number) if number.lstrip("+-").isdigit() else None,
                 series_description=str(first.get("SeriesDescription", "")),
                 frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
                 sop_class_uid=str(first.get("SOPClassUID", "")),
@@ -278,7 +341,8 @@ def scan_dicom(paths: str | Path | Iterable[str | Path]) -> ScanResult:
         ds, skip = _classify(path)
         if skip is not None:
             skipped.append(skip)
-            (logger.warning if skip.broken else logger.info)("skipping %s: %s", path, skip.reason)
+            # WARNING for a file that is broken or would leave its series incomplete, INFO for one that is no image.
+            (logger.warning if skip.broken or ds is not None else logger.info)("skipping %s: %s", path, skip.reason)
         if ds is not None:
             found.append((path, ds, skip))
     series = _group(found)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..volume import Volume
 from .errors import DicomInputError
-from .scan import SeriesInfo, scan_dicom
+from .scan import SeriesInfo, scan_dicom, skipped_summary
 from .select import CT_RULES, PET_RULES, SeriesRules, select_series
 from .series import LoadOptions, read_series
 from .suv import SuvConversion
@@ -120,7 +120,8 @@ def _patient(ct: Dataset, pet: Dataset) -> PatientInfo:
     )
 
 
-def _scan(folder: Path, what: str, allow_broken: bool) -> list[SeriesInfo]:
+def _scan(folder: Path, what: str, allow_broken: bool) -> tuple[list[SeriesInfo], str]:
+    """The image series under a folder, and what was skipped said in one line ('' if nothing)."""
     if not folder.exists():
         raise FileNotFoundError(f"{what} {folder}: no such folder")
     result = scan_dicom(folder)
@@ -130,9 +131,48 @@ def _scan(folder: Path, what: str, allow_broken: bool) -> list[SeriesInfo]:
             f"{what} {folder}: {len(broken)} file(s) cannot be read, e.g. {broken[0].path}: "
             f"{broken[0].reason} (incomplete transfer?); PetCtRules(allow_broken_files=True) ignores them"
         )
+    skipped = skipped_summary(result.skipped)
     if not result.series:
-        raise DicomInputError(f"{what} {folder}: no DICOM image series found")
-    return result.series
+        raise DicomInputError(f"{what} {folder}: no DICOM image series found ({skipped or 'no files'})")
+    return result.series, skipped
+
+
+def _require(candidates: list[SeriesInfo], modality: str, where: str, skipped: str) -> None:
+    """Refuse a folder that holds no series of ``modality``, saying what it holds instead."""
+    if any(s.modality == modality for s in candidates):
+        return
+    found = "; ".join(s.describe() for s in candidates)
+    also = f" ({skipped})" if skipped else ""
+    what = "PET" if modality == "PT" else "CT"
+    among = ", or it is among the files skipped" if skipped else ""
+    raise DicomInputError(
+        f"{where}: found {found} but no {modality} series{also}; the {what} may not have been sent yet{among} (or "
+        "lies in another folder: pass (ct_dir, pet_dir))"
+    )
+
+
+def _candidates(
+    source: str | Path | tuple[str | Path, str | Path], rules: PetCtRules
+) -> tuple[list[SeriesInfo], list[SeriesInfo]]:
+    """The series to pick the CT and the PET from: of one study folder (both), or of a CT and a PET folder."""
+    if isinstance(source, tuple):
+        if len(source) != 2:
+            raise ValueError(f"source must be a folder or a (ct_dir, pet_dir) pair, got {len(source)} paths")
+        ct_candidates, ct_skipped = _scan(Path(source[0]), "CT folder", rules.allow_broken_files)
+        pet_candidates, pet_skipped = _scan(Path(source[1]), "PET folder", rules.allow_broken_files)
+        _require(ct_candidates, rules.ct.modality, f"CT folder {source[0]}", ct_skipped)
+        _require(pet_candidates, rules.pet.modality, f"PET folder {source[1]}", pet_skipped)
+        return ct_candidates, pet_candidates
+    candidates, skipped = _scan(Path(source), "study folder", rules.allow_broken_files)
+    for modality in (rules.ct.modality, rules.pet.modality):
+        _require(candidates, modality, f"study folder {source}", skipped)
+    studies = sorted({s.study_instance_uid for s in candidates})
+    if len(studies) > 1:
+        raise DicomInputError(
+            f"study folder {source} holds {len(studies)} studies ({', '.join(studies)}): "
+            "pass one study's folder or (ct_dir, pet_dir)"
+        )
+    return candidates, candidates
 
 
 def read_pet_ct(
@@ -150,8 +190,8 @@ def read_pet_ct(
         rules: series selection; ``None`` uses an axial CT and an axial attenuation-corrected PET of the same
             study and frame of reference (``PetCtRules()``).
         options: slice-geometry tolerances; PET is always converted to SUVbw here.
-        force_units: use the PET's PatientWeight, RadionuclideTotalDose, RadionuclideHalfLife and
-            injection-to-scan time as written even when outside their plausible ranges
+        force_units: use the CT's and PET's RescaleIntercept and the PET's PatientWeight, RadionuclideTotalDose,
+            RadionuclideHalfLife and injection-to-scan time as written even when outside their plausible ranges
             (``diffseg.runtime.dicom.plausibility.PLAUSIBLE_RANGES``); each such value is logged as a warning and listed
             in ``PetCtStudy.overrides``. False (default): such a study is refused.
 
@@ -160,29 +200,19 @@ def read_pet_ct(
 
     Raises:
         FileNotFoundError: a folder does not exist.
-        DicomInputError: unreadable files (see ``PetCtRules.allow_broken_files``), no or ambiguous series,
-            several studies in one folder, CT and PET from different studies or frames of reference, slice
-            geometry problems, or PET attributes for SUVbw missing or, without ``force_units``, implausible
-            (e.g. RadionuclideTotalDose in MBq, PatientWeight in g: the message names the file, the attribute,
-            the value and the plausible range).
+        DicomInputError: unreadable files (see ``PetCtRules.allow_broken_files``), no image series (the message
+            counts the files skipped per reason, e.g. multi-frame enhanced CT), no CT or no PT series (the message
+            names the series found instead), no or ambiguous series, several studies in one folder, CT and PET
+            from different studies or frames of reference, slice geometry problems (a slice without its position
+            included), a RescaleSlope not > 0, or PET attributes for SUVbw missing or, without ``force_units``,
+            implausible (e.g. RadionuclideTotalDose in MBq, PatientWeight in g: the message names the file, the
+            attribute, the value and the plausible range).
     """
     rules = rules or PetCtRules()
     opt = options or LoadOptions()
     if not opt.pet_suv:
         raise ValueError("read_pet_ct always gives the PET in SUVbw: options.pet_suv must be True")
-    if isinstance(source, tuple):
-        if len(source) != 2:
-            raise ValueError(f"source must be a folder or a (ct_dir, pet_dir) pair, got {len(source)} paths")
-        ct_candidates = _scan(Path(source[0]), "CT folder", rules.allow_broken_files)
-        pet_candidates = _scan(Path(source[1]), "PET folder", rules.allow_broken_files)
-    else:
-        ct_candidates = pet_candidates = _scan(Path(source), "study folder", rules.allow_broken_files)
-        studies = sorted({s.study_instance_uid for s in ct_candidates})
-        if len(studies) > 1:
-            raise DicomInputError(
-                f"study folder {source} holds {len(studies)} studies ({', '.join(studies)}): "
-                "pass one study's folder or (ct_dir, pet_dir)"
-            )
+    ct_candidates, pet_candidates = _candidates(source, rules)
     ct_info = select_series(ct_candidates, rules.ct)
     pet_info = select_series(pet_candidates, rules.pet)
     if rules.same_study and ct_info.study_instance_uid != pet_info.study_instance_uid:
@@ -196,7 +226,7 @@ def read_pet_ct(
             f"{pet_info.frame_of_reference_uid!r}): their coordinates may not agree; set "
             "PetCtRules(same_frame_of_reference=False) to accept"
         )
-    ct = read_series(ct_info, opt)
+    ct = read_series(ct_info, opt, force_units=force_units)
     pet = read_series(pet_info, opt, force_units=force_units)
     if pet.suv is None:  # unreachable with pet_suv=True and Modality PT
         raise DicomInputError(f"{pet_info.describe()}: no SUV conversion")
@@ -213,5 +243,5 @@ def read_pet_ct(
         suv=pet.suv,
         ct_series=ct_info,
         pet_series=pet_info,
-        overrides=pet.suv.overrides,
+        overrides=(*ct.overrides, *pet.overrides),
     )

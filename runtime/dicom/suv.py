@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from .errors import DicomInputError
-from .plausibility import PLAUSIBLE_RANGES, check_plausible
+from .plausibility import PET_UNITS, PLAUSIBLE_RANGES, check_plausible, file_of, refuse_unless_forced
+from .times import Refuse, injection_source, parse_dicom_datetime, parse_dicom_dt, scan_and_injection_times
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -76,93 +76,23 @@ class SuvConversion:
     overrides: tuple[str, ...] = ()
 
 
-_TM = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?$")
+#: ``check(key, value, attribute, shown, ds)``: :func:`~.plausibility.check_plausible` for one series.
+_Check = Callable[[str, float, str, str, "Dataset"], None]
 
 
-def parse_dicom_dt(value: str | None) -> datetime | None:
-    """A ``datetime`` from a DT value (``YYYYMMDDHHMMSS.FFFFFF&ZZXX``); None when absent.
-
-    The time-zone offset is ignored: all times of one study are taken as local.
-
-    Raises:
-        ValueError: a value is present but malformed.
-    """
-    text = str(value or "").strip()
-    if not text:
-        return None
-    text = re.split(r"[+-]", text, maxsplit=1)[0]
-    if len(text) < 8:
-        raise ValueError(f"DT value {value!r} has no full date")
-    return parse_dicom_datetime(text[:8], text[8:] or "000000")
-
-
-def parse_dicom_datetime(date: str | None, time: str | None) -> datetime | None:
-    """A ``datetime`` from a DA and a TM value; None when either is absent.
-
-    The old ``HH:MM:SS`` TM form is accepted.
-
-    Raises:
-        ValueError: a value is present but malformed.
-    """
-    date = str(date or "").strip()
-    time = str(time or "").strip().replace(":", "")
-    if not date or not time:
-        return None
-    try:
-        day = datetime.strptime(date.replace(".", ""), "%Y%m%d")
-    except ValueError:
-        raise ValueError(f"DA value {date!r} is not YYYYMMDD") from None
-    m = _TM.match(time)
-    if not m:
-        raise ValueError(f"TM value {time!r} is not HHMMSS.FFFFFF")
-    hh, mm, ss, frac = m.groups()
-    micro = round(float(frac) * 1e6) if frac else 0
-    return day + timedelta(hours=int(hh), minutes=int(mm or 0), seconds=int(ss or 0), microseconds=micro)
-
-
-def _positive(ds: Dataset, keyword: str, name: str, where: str = "") -> float:
+def _positive(ds: Dataset, keyword: str, name: str, file_ds: Dataset, where: str = "") -> float:
+    """A number > 0 that SUVbw needs, refused (naming the file of ``file_ds``) when missing or not > 0."""
     value = ds.get(keyword)
+    of = f"{where} of {file_of(file_ds)}"
     if value in (None, ""):
-        raise DicomInputError(f"{name}: {keyword}{where} is missing: cannot compute SUVbw")
+        raise DicomInputError(f"{name}: {keyword}{of} is missing: cannot compute SUVbw")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise DicomInputError(f"{name}: {keyword}{where} is not a number: {value!r}") from None
+        raise DicomInputError(f"{name}: {keyword}{of} is not a number: {value!r}") from None
     if not math.isfinite(number) or number <= 0:
-        raise DicomInputError(f"{name}: {keyword}{where} must be > 0 to compute SUVbw, got {number}")
+        raise DicomInputError(f"{name}: {keyword}{of} must be > 0 to compute SUVbw, got {number}")
     return number
-
-
-def _acquisition_time(ds: Dataset) -> datetime | None:
-    if ds.get("AcquisitionDateTime"):
-        return parse_dicom_dt(ds.AcquisitionDateTime)
-    return parse_dicom_datetime(ds.get("AcquisitionDate") or ds.get("SeriesDate"), ds.get("AcquisitionTime"))
-
-
-def _injection_time(info: Dataset, first: Dataset, scan: datetime | None, name: str) -> datetime:
-    where = " in RadiopharmaceuticalInformationSequence"
-    if info.get("RadiopharmaceuticalStartDateTime"):
-        return parse_dicom_dt(info.RadiopharmaceuticalStartDateTime)  # type: ignore[return-value]
-    start = info.get("RadiopharmaceuticalStartTime")
-    if not start:
-        raise DicomInputError(
-            f"{name}: RadiopharmaceuticalStartDateTime and RadiopharmaceuticalStartTime{where} "
-            "are both missing: cannot compute SUVbw"
-        )
-    day = first.get("SeriesDate") or first.get("AcquisitionDate") or first.get("StudyDate")
-    if not day:
-        raise DicomInputError(
-            f"{name}: RadiopharmaceuticalStartTime has no date (SeriesDate, AcquisitionDate "
-            "and StudyDate missing): cannot compute SUVbw"
-        )
-    injection = parse_dicom_datetime(day, start)
-    if injection is None:
-        raise DicomInputError(f"{name}: RadiopharmaceuticalStartTime {start!r} cannot be read")
-    if scan is not None and injection > scan:
-        # Injected before midnight, scanned after: the start time belongs to the day before.
-        injection -= timedelta(days=1)
-        logger.info("%s: injection time %s is after the scan: taken as the day before", name, start)
-    return injection
 
 
 def suv_conversion(headers: Sequence[Dataset], name: str = "PET series", *, force_units: bool = False) -> SuvConversion:
@@ -196,15 +126,18 @@ def suv_conversion(headers: Sequence[Dataset], name: str = "PET series", *, forc
     if units == "GML":
         logger.info("%s: Units GML, values are SUVbw already", name)
         return SuvConversion("GML", str(first.get("DecayCorrection", "")), 0.0, 0.0, None, None, 0.0, (1.0,) * n)
-    decay = _checked_decay_correction(first, units, name)
     overrides: list[str] = []
 
     def check(key: str, value: float, attribute: str, shown: str, ds: Dataset) -> None:
         check_plausible(key, value, attribute, shown, ds, name, force_units, overrides)
 
+    def refuse(where: str, problem: str, hint: str) -> None:
+        refuse_unless_forced(where, problem, hint, name, force_units, overrides)
+
+    decay = _checked_decay_correction(first, units, name, refuse)
     weight, dose, half_life, info = _dose_inputs(first, name, check)
-    acquired, scan, scan_source, injection = _scan_and_injection_times(headers, info, name)
-    decayed = _DoseDecay(name, check, weight, dose, half_life, injection, _injection_source(info))
+    acquired, scan, scan_source, injection = scan_and_injection_times(headers, info, name, refuse)
+    decayed = _DoseDecay(name, check, weight, dose, half_life, injection, injection_source(info))
     if decay == "START":
         factors = _start_factors(decayed, headers, acquired, scan, scan_source)
         return SuvConversion(units, decay, weight, dose, injection, scan, half_life, factors, tuple(overrides))
@@ -215,16 +148,13 @@ def suv_conversion(headers: Sequence[Dataset], name: str = "PET series", *, forc
     return SuvConversion(units, decay, weight, dose, injection, None, half_life, factors, tuple(overrides))
 
 
-#: ``check(key, value, attribute, shown, ds)``: :func:`~.plausibility.check_plausible` for one series.
-_Check = Callable[[str, float, str, str, "Dataset"], None]
-
-
-def _checked_decay_correction(first: Dataset, units: str, name: str) -> str:
+def _checked_decay_correction(first: Dataset, units: str, name: str, refuse: Refuse) -> str:
     """DecayCorrection of a series that is BQML, attenuation corrected and (unless NONE) decay corrected."""
     if units != "BQML":
+        meaning = f" ({PET_UNITS[units]})" if units in PET_UNITS else ""
         raise DicomInputError(
-            f"{name}: Units is {units or 'missing'!r}; SUVbw is computed from BQML only "
-            "(CNTS needs vendor scale factors)"
+            f"{name}: Units of {file_of(first)} is {units or 'missing'!r}{meaning}; SUVbw is computed from BQML "
+            "(Bq/ml) only, and GML is used as SUVbw as it is"
         )
     corrected = {str(v).strip().upper() for v in (first.get("CorrectedImage") or [])}
     decay = str(first.get("DecayCorrection", "")).strip().upper()
@@ -236,62 +166,34 @@ def _checked_decay_correction(first: Dataset, units: str, name: str) -> str:
         raise DicomInputError(f"{name}: DecayCorrection is {decay or 'missing'!r}; expected START, ADMIN or NONE")
     if decay != "NONE" and "DECY" not in corrected:
         raise DicomInputError(f"{name}: DecayCorrection {decay} but CorrectedImage {sorted(corrected)} lacks DECY")
+    if decay == "NONE" and "DECY" in corrected:
+        refuse(
+            f"DecayCorrection of {file_of(first)} is NONE",
+            f"but CorrectedImage {sorted(corrected)} holds DECY (decay corrected)",
+            "one of the two is wrong; read as NONE, each slice is decay-corrected again and its SUVs come out too "
+            "large by the decay over the uptake",
+        )
     return decay
 
 
 def _dose_inputs(first: Dataset, name: str, check: _Check) -> tuple[float, float, float, Dataset]:
     """PatientWeight (kg), RadionuclideTotalDose (Bq) and RadionuclideHalfLife (s), each checked, and the
     RadiopharmaceuticalInformationSequence item that holds the last two."""
-    weight = _positive(first, "PatientWeight", name)
+    weight = _positive(first, "PatientWeight", name, first)
     check("PatientWeight", weight, "PatientWeight", f"{weight:g} kg", first)
     sequence = first.get("RadiopharmaceuticalInformationSequence")
     if not sequence:
         raise DicomInputError(
-            f"{name}: RadiopharmaceuticalInformationSequence is missing or empty: cannot compute SUVbw"
+            f"{name}: RadiopharmaceuticalInformationSequence of {file_of(first)} is missing or empty: cannot compute "
+            "SUVbw"
         )
     info = sequence[0]
     where = " in RadiopharmaceuticalInformationSequence"
-    dose = _positive(info, "RadionuclideTotalDose", name, where)
+    dose = _positive(info, "RadionuclideTotalDose", name, first, where)
     check("RadionuclideTotalDose", dose, f"RadionuclideTotalDose{where}", f"{dose:g} Bq", first)
-    half_life = _positive(info, "RadionuclideHalfLife", name, where)
+    half_life = _positive(info, "RadionuclideHalfLife", name, first, where)
     check("RadionuclideHalfLife", half_life, f"RadionuclideHalfLife{where}", f"{half_life:g} s", first)
     return weight, dose, half_life, info
-
-
-def _scan_and_injection_times(
-    headers: Sequence[Dataset], info: Dataset, name: str
-) -> tuple[list[datetime | None], datetime | None, str, datetime]:
-    """Each slice's acquisition time, the scan start and the attributes it comes from, and the injection time."""
-    first = headers[0]
-    try:
-        acquired = [_acquisition_time(ds) for ds in headers]
-        series_time = parse_dicom_datetime(first.get("SeriesDate"), first.get("SeriesTime"))
-        earliest = min((t for t in acquired if t is not None), default=None)
-        scan, scan_source = series_time, "SeriesDate/SeriesTime"
-        if series_time is None or (earliest is not None and series_time > earliest):
-            scan, scan_source = earliest, "AcquisitionDate/AcquisitionTime"
-            if series_time is not None:
-                logger.info(
-                    "%s: SeriesTime is after the first AcquisitionTime (post-processed series): "
-                    "decay reference taken as the first acquisition, %s",
-                    name,
-                    earliest,
-                )
-        injection = _injection_time(info, first, scan, name)
-    except ValueError as exc:
-        if isinstance(exc, DicomInputError):
-            raise
-        raise DicomInputError(f"{name}: {exc}") from None
-    return acquired, scan, scan_source, injection
-
-
-def _injection_source(info: Dataset) -> str:
-    """The attribute the injection time is read from, for messages."""
-    return (
-        "RadiopharmaceuticalStartDateTime"
-        if info.get("RadiopharmaceuticalStartDateTime")
-        else "RadiopharmaceuticalStartTime"
-    )
 
 
 @dataclass(frozen=True)
@@ -378,7 +280,7 @@ def _per_slice_factors(
         decayed.check_uptake(decayed.elapsed_s(times[i]), times[i], source, headers[i], note)
     per_slice = []
     for i, (ds, t0) in enumerate(zip(headers, times, strict=True)):
-        duration_s = _positive(ds, "ActualFrameDuration", name, f" of slice {i}") / 1000.0
+        duration_s = _positive(ds, "ActualFrameDuration", name, ds, f" of slice {i}") / 1000.0
         lam_d = lam * duration_s
         value = decayed.factor(t0) * lam_d / -math.expm1(-lam_d)
         if not math.isfinite(value):  # only with forced values (a huge λΔ)

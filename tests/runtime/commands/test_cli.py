@@ -175,5 +175,7 @@ def test_predict_refuses_an_implausible_dose_unless_forced(tmp_path):
     assert not (tmp_path / "o" / "report.json").exists()
     forced = cli("predict", *inputs, "-o", str(tmp_path / "f"), "--force-units", *common)
     assert forced.returncode == 0, forced.stderr
-    (override,) = json.loads((tmp_path / "f" / "report.json").read_text())["overrides"]
-    assert "RadionuclideTotalDose" in override and "force_units" in override
+    # Two overrides: the dose as written, and the PET it gives (SUVs 10^6 too large) used as it is.
+    dose, pet = json.loads((tmp_path / "f" / "report.json").read_text())["overrides"]
+    assert "RadionuclideTotalDose" in dose and "force_units" in dose
+    assert "does not look like a PET in SUVbw" in pet and "force_units" in pet

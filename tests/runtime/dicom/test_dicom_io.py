@@ -395,7 +395,7 @@ def _drop_info(keyword):
     [
         (
             _drop_info("RadionuclideTotalDose"),
-            "RadionuclideTotalDose in RadiopharmaceuticalInformationSequence is",
+            r"RadionuclideTotalDose in RadiopharmaceuticalInformationSequence of .*PT_0001\.dcm is missing",
         ),
         (_drop_info("RadionuclideHalfLife"), "RadionuclideHalfLife"),
         (
@@ -410,8 +410,9 @@ def _drop_info(keyword):
             "RadiopharmaceuticalInformationSequence",
         ),
         (lambda h: delattr(h, "PatientWeight"), "PatientWeight"),
-        (lambda h: setattr(h, "PatientWeight", "0"), "PatientWeight must be > 0"),
-        (lambda h: setattr(h, "Units", "CNTS"), "Units is 'CNTS'"),
+        (lambda h: setattr(h, "PatientWeight", "0"), r"PatientWeight of .*PT_0001\.dcm must be > 0"),
+        (lambda h: setattr(h, "Units", "CNTS"), r"Units of .*PT_0001\.dcm is 'CNTS' \(counts: needs the vendor's"),
+        (lambda h: setattr(h, "Units", "CM2ML"), r"Units of .* is 'CM2ML' \(cm²/ml: SUVbsa\); SUVbw is computed from"),
         (lambda h: setattr(h, "DecayCorrection", ""), "DecayCorrection is 'missing'"),
         (lambda h: setattr(h, "CorrectedImage", ["DECY", "SCAT"]), "lacks ATTN"),
         (lambda h: (delattr(h, "SeriesTime"), delattr(h, "AcquisitionTime")), "no decay reference time"),
@@ -442,6 +443,17 @@ def _start_factor(weight_kg=75.0, dose_bq=370.0e6, half_life_s=_T_HALF, uptake_s
 def _set_info(keyword, value):
     def change(ds):
         setattr(ds.RadiopharmaceuticalInformationSequence[0], keyword, value)
+
+    return change
+
+
+def _set_injection(dt):
+    """The injection at ``dt`` (DT), in both RadiopharmaceuticalStartDateTime and RadiopharmaceuticalStartTime (two
+    times that disagree are refused on their own)."""
+
+    def change(ds):
+        _set_info("RadiopharmaceuticalStartDateTime", dt)(ds)
+        _set_info("RadiopharmaceuticalStartTime", dt[8:])(ds)
 
     return change
 
@@ -480,14 +492,14 @@ IMPLAUSIBLE = {
         _start_factor(half_life_s=109.77),
     ),
     "negative_delay": (
-        _set_info("RadiopharmaceuticalStartDateTime", "20240102113000"),
+        _set_injection("20240102113000"),
         r"the time from RadiopharmaceuticalStartDateTime \(2024-01-02 11:30:00\) to SeriesDate/SeriesTime "
         r"\(2024-01-02 11:00:00\)",
         r"-1800 s \(-0.5 h",
         _start_factor(uptake_s=-1800.0),
     ),
     "injection_a_day_off": (
-        _set_info("RadiopharmaceuticalStartDateTime", "20240101100000"),
+        _set_injection("20240101100000"),
         r"the time from RadiopharmaceuticalStartDateTime \(2024-01-01 10:00:00\) to SeriesDate/SeriesTime "
         r"\(2024-01-02 11:00:00\)",
         r"90000 s \(25 h, 13.7 half-lives",
@@ -562,7 +574,7 @@ def test_plausible_ranges_are_the_bounds_used(pet_headers, key):
 
 
 def test_uptake_check_per_decay_correction(pet_headers):
-    late = _set_info("RadiopharmaceuticalStartDateTime", "20240102113000")  # 30 min after the scan
+    late = _set_injection("20240102113000")  # 30 min after the scan
 
     def admin(h):  # decay-corrected to the injection: the times do not enter SUVbw, nothing to refuse
         late(h)
