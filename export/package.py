@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from diffseg import __version__
+from diffseg.runtime.atomic import atomic_path, write_text_atomic
 from diffseg.runtime.manifest import SCHEMA_VERSION, load_package, parse_manifest, sha256_of
 from diffseg.runtime.verify import EngineError
 
@@ -174,7 +175,8 @@ def build_package(
             },
         }
         # The weights for the torch backend (reference runs, GPUs without TensorRT).
-        torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, staging / "denoiser.pt")
+        with atomic_path(staging / "denoiser.pt") as tmp:
+            torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
         manifest["files"]["torch"] = {
             "path": "denoiser.pt",
             "format": "torch",
@@ -182,7 +184,7 @@ def build_package(
             "sha256": sha256_of(staging / "denoiser.pt"),
         }
         parse_manifest(manifest, "manifest")  # the runtime must accept what we write
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_text_atomic(staging / "manifest.json", json.dumps(manifest, indent=2) + "\n")  # parsed back
         load_package(staging)  # re-read and verify sha256 as the runtime will
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a package is meant to be shared
         if out_dir.exists():

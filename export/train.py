@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from diffseg.runtime.atomic import atomic_path, write_text_atomic
 from diffseg.runtime.phantom import split_seeds
 from diffseg.runtime.preprocess import Normalisation
 
@@ -129,7 +130,7 @@ def train(
     ``time_limit_s`` stops the loop early (after saving) when a lent machine's time runs out; ``--resume`` continues.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_text_atomic(run_dir / "config.json", json.dumps(cfg, indent=2))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     workers = workers or min(os.cpu_count() or 1, 16)
     tc = cfg["train"]
@@ -210,25 +211,23 @@ def train(
                 rec["val_dice"] = validate(model, val_cases, cfg, device)
                 if rec["val_dice"] > best:
                     best = rec["val_dice"]
-                    torch.save(
-                        {"model": model.state_dict(), "config": cfg, "iteration": done, "val_dice": best},
-                        run_dir / "best.pt",
-                    )
+                    with atomic_path(run_dir / "best.pt") as tmp:
+                        torch.save(
+                            {"model": model.state_dict(), "config": cfg, "iteration": done, "val_dice": best}, tmp
+                        )
             log.write(json.dumps(rec) + "\n")
             log.flush()
             logger.info("%s", rec)
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "iteration": done,
-                    "best_val_dice": best,
-                    "config": cfg,
-                },
-                run_dir / "last.pt.tmp",
-            )
-            os.replace(run_dir / "last.pt.tmp", ckpt)
+            state = {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "iteration": done,
+                "best_val_dice": best,
+                "config": cfg,
+            }
+            with atomic_path(ckpt) as tmp:
+                torch.save(state, tmp)
         if out_of_time:
             logger.warning("time limit reached at iteration %d of %d; --resume continues", done, total)
             break

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+from .output_paths import path_under
 from .postprocess import LESION_FIELDS
 from .result import SegmentationResult
 from .volume import Volume, write_volume
@@ -151,28 +152,37 @@ def write_outputs(
 
     Returns:
         The paths written by output name, and the report (empty when ``options.report`` is false).
+
+    Raises:
+        ValueError: an output path that leaves ``out_dir`` (a symlink there pointing out); nothing is written.
+        OSError: a write failed or its check did (a full disk); the message names the file, which is not there.
     """
     opt = options or WriteOptions()
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+
+    def under(name: str) -> Path:  # each output is proven to lie under out_dir (no symlink out) before it is written
+        path_under(out, name)
+        return out / name
+
     paths: dict[str, Path] = {}
     if opt.maps:
         for name in ("mask", "probability", "uncertainty", "entropy"):
-            paths[name] = write_volume(getattr(result, name), out / f"{name}.nii.gz")
+            paths[name] = write_volume(getattr(result, name), under(f"{name}.nii.gz"))
     if opt.tables:
-        paths["lesions_json"] = write_json_atomic(out / "lesions.json", list(result.lesions))
-        paths["lesions_csv"] = write_text_atomic(out / "lesions.csv", lesions_csv(list(result.lesions)))
+        paths["lesions_json"] = write_json_atomic(under("lesions.json"), list(result.lesions))
+        paths["lesions_csv"] = write_text_atomic(under("lesions.csv"), lesions_csv(list(result.lesions)))
     if opt.preview and result.pet_on_ct is not None:
-        paths["preview"] = write_bytes_atomic(out / "preview.png", preview_png(ct, result.pet_on_ct, result.mask))
+        paths["preview"] = write_bytes_atomic(under("preview.png"), preview_png(ct, result.pet_on_ct, result.mask))
     if study is not None and opt.seg:
         from .dicom import write_seg
 
-        paths["dicom_seg"] = write_seg(result.mask, study, out / opt.seg_name, options=opt.seg_options)
+        paths["dicom_seg"] = write_seg(result.mask, study, under(opt.seg_name), options=opt.seg_options)
     if study is not None and opt.tables:
         from .dicom import write_lesion_table
 
-        paths["lesions_dicom"] = write_lesion_table(list(result.lesions), study, out / "lesions_dicom.json")
+        paths["lesions_dicom"] = write_lesion_table(list(result.lesions), study, under("lesions_dicom.json"))
     if not opt.report:
         return paths, {}
     from diffseg import __version__
@@ -191,5 +201,5 @@ def write_outputs(
         **(extra or {}),
     }
     report = json.loads(json.dumps(report, default=str))
-    paths["report"] = write_json_atomic(out / REPORT_NAME, report)
+    paths["report"] = write_json_atomic(under(REPORT_NAME), report)
     return paths, report

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_dicom
 from ..volume import Volume
 from .errors import DicomInputError
 from .geometry import align_to_grid
@@ -198,7 +198,8 @@ def write_seg(
         **extra,
     )
     seg.SeriesDescription = opt.series_description
-    with atomic_path(path) as tmp:
+    expected = {"SOPInstanceUID": seg.SOPInstanceUID, "NumberOfFrames": seg.NumberOfFrames}
+    with atomic_path(path, check=lambda tmp: check_dicom(tmp, **expected)) as tmp:
         seg.save_as(tmp)
     logger.info("wrote %s SEG with %d frame(s) to %s", kind.value, int(seg.NumberOfFrames), path)
     return path

@@ -14,15 +14,13 @@ folder, so that after a power cut the instance is either wholly there or not the
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import fcntl
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import IO
+
+from ..atomic import fsync_dir, write_bytes_atomic
 
 __all__ = [
     "Spool",
@@ -67,20 +65,13 @@ def uid_key(uid: str) -> str:
     return hashlib.sha256(check_uid("uid", uid).encode("ascii")).hexdigest()[:32]
 
 
-def fsync_dir(path: Path) -> None:
-    """``fsync`` a folder so that the entries created or renamed in it survive a crash."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_durable(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically and durably: temporary file, fsync, rename, fsync of the folder.
+    """Write ``data`` to ``path`` atomically and durably, with the one writer (``atomic.write_bytes_atomic``).
 
-    A folder created on the way is made durable too (its parent is synced). On any error the temporary file is
-    removed and the target is left as it was.
+    Temporary file ``.<name>.<random>.tmp`` beside it (the umask applies), fsync, check of the size on disk (the
+    data was parsed on receipt, so it is not parsed again), rename, fsync of the folder; a folder created on the way
+    is made durable too (its parent is synced). On any error the temporary file is removed and the target is left
+    as it was.
 
     Args:
         path: the target file.
@@ -90,34 +81,9 @@ def write_durable(path: Path, data: bytes) -> Path:
         ``path``.
 
     Raises:
-        OSError: the write failed (``errno.ENOSPC`` when the disk is full).
+        OSError: the write failed (``errno.ENOSPC`` when the disk is full); the message names ``path``.
     """
-    parent = path.parent
-    if not parent.is_dir():
-        parent.mkdir(parents=True, exist_ok=True)
-        fsync_dir(parent.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            _write_all(fh, data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    fsync_dir(parent)
-    return path
-
-
-def _write_all(fh: IO[bytes], data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = fh.write(view)
-        if not n:
-            raise OSError(errno.EIO, "write returned 0 bytes")
-        view = view[n:]
+    return write_bytes_atomic(path, data, format_check=False)
 
 
 class SpoolLockedError(RuntimeError):
