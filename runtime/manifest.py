@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .diffusion_schedule import CHANNEL_ORDERS, SamplerOptions, SchedulerConfig
-from .preprocess import Normalisation
+from .preprocess import CandidateRule, Normalisation
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -30,21 +31,32 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-# The manifest's ``defaults`` keys; the sampler's ones are checked by building ``SamplerOptions`` from them.
-DEFAULTS_KEYS = (
-    "sampler",
-    "steps",
-    "eta",
-    "timestep_spacing",
-    "eps_convention",
-    "samples",
-    "seed",
-    "overlap",
-    "threshold",
-    "min_lesion_ml",
-    "candidate",
-    "retire_after",
-)
+_NUMBER = (int, float)
+# The JSON type each ``defaults`` key must have (the keys allowed). ``_TYPED_HERE`` are typed here (``float()``
+# would take a string; ``samples`` is ``num_samples`` in ``SamplerOptions``' messages), the others by
+# ``SamplerOptions`` itself; the ranges by the options each builds (``SamplerOptions``, ``WindowOptions``,
+# ``PostprocessOptions``, ``CandidateRule``).
+DEFAULTS_TYPES: dict[str, type | tuple[type, ...]] = {
+    "sampler": str,
+    "steps": int,
+    "eta": _NUMBER,
+    "timestep_spacing": str,
+    "eps_convention": str,
+    "samples": int,
+    "seed": int,
+    "overlap": _NUMBER,
+    "threshold": _NUMBER,
+    "min_lesion_ml": _NUMBER,
+    "candidate": dict,
+    "retire_after": int,
+}
+DEFAULTS_KEYS = tuple(DEFAULTS_TYPES)
+_TYPED_HERE = ("eta", "samples", "overlap", "threshold", "min_lesion_ml", "candidate", "retire_after")
+# ``diffusion``: the type of each ``SchedulerConfig`` field, from its annotation (one source for the keys).
+_ANNOTATED = {"int": int, "float": _NUMBER, "str": str, "bool": bool}
+DIFFUSION_TYPES = {f.name: _ANNOTATED[str(f.type)] for f in fields(SchedulerConfig) if str(f.type) in _ANNOTATED}
+_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
+_WORDS[dict] = "an object"
 
 
 class ManifestError(ValueError):
@@ -109,24 +121,45 @@ class ModelPackage:
         raise ManifestError(f"{self.root}: no engine file at precision {precision!r}; the package has {have}")
 
 
-def _need(doc: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...]) -> Any:
-    if key not in doc:
-        raise ManifestError(f"{where}: missing field {key!r}")
-    value = doc[key]
-    if not isinstance(value, kind) or (
-        kind is not bool and isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
-    ):
-        raise ManifestError(f"{where}: field {key!r} must be {kind}, got {type(value).__name__} {value!r}")
+def _typed(value: Any, what: str, kind: type | tuple[type, ...]) -> Any:
+    """``value`` when it has the JSON type ``kind`` (an int is a number; a bool is neither); else ManifestError."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        named = [k for k in kinds if not (k is int and float in kinds)]  # an int is a number
+        words = " or ".join(_WORDS.get(k, k.__name__) for k in named)
+        raise ManifestError(f"{what} must be {words}, got {type(value).__name__} {value!r}")
     return value
 
 
-def _check_defaults(defaults: Mapping[str, Any], w: str) -> Mapping[str, Any]:
-    """The ``defaults`` section: known keys only, the sampler's through ``SamplerOptions``' own checks."""
+def _need(doc: Any, key: str, where: str, kind: type | tuple[type, ...]) -> Any:
+    """The field ``key`` of the object ``doc`` (``where`` in messages), of JSON type ``kind``; else ManifestError."""
+    if not isinstance(doc, Mapping):
+        raise ManifestError(f"{where} must be an object with a field {key!r}, got {type(doc).__name__} {doc!r}")
+    if key not in doc:
+        raise ManifestError(f"{where}: missing field {key!r}")
+    return _typed(doc[key], f"{where}: field {key!r}", kind)
+
+
+def _check_types(section: Mapping[str, Any], where: str, types: Mapping[str, type | tuple[type, ...]]) -> None:
+    for key, value in section.items():
+        if key in types:
+            _typed(value, f"{where}: field {key!r}", types[key])
+
+
+def _check_defaults(
+    defaults: Mapping[str, Any], w: str, modalities: tuple[str, ...], patch: tuple[int, ...]
+) -> Mapping[str, Any]:
+    """The ``defaults`` section: known keys of their types, their ranges through the options they build."""
+    from .postprocess import PostprocessOptions
+    from .sliding_window import WindowOptions
+
     unknown = sorted(set(defaults) - set(DEFAULTS_KEYS))
     if unknown:
         raise ManifestError(f"{w}: unknown keys {unknown}; allowed: {list(DEFAULTS_KEYS)}")
     for key in ("sampler", "steps", "samples", "overlap", "threshold", "min_lesion_ml"):
-        _need(defaults, key, w, (str, int, float))
+        if key not in defaults:
+            raise ManifestError(f"{w}: missing field {key!r}")
+    _check_types(defaults, w, {key: DEFAULTS_TYPES[key] for key in _TYPED_HERE})
     try:
         SamplerOptions(
             sampler=defaults["sampler"],
@@ -137,12 +170,32 @@ def _check_defaults(defaults: Mapping[str, Any], w: str) -> Mapping[str, Any]:
             num_samples=defaults["samples"],
             seed=defaults.get("seed", 0),
         )
+        WindowOptions(patch_size=patch, overlap=float(defaults["overlap"]))
+        PostprocessOptions(threshold=float(defaults["threshold"]), min_lesion_ml=float(defaults["min_lesion_ml"]))
+        CandidateRule.from_manifest(defaults.get("candidate"), modalities)
     except (TypeError, ValueError) as exc:
         raise ManifestError(f"{w}: {exc}") from None
     retire = defaults.get("retire_after", 0)
-    if isinstance(retire, bool) or not isinstance(retire, int) or retire < 0:
+    if retire < 0:
         raise ManifestError(f"{w}: retire_after must be an int >= 0 (0 = off), got {retire!r}")
     return defaults
+
+
+def _normalisation(entry: Mapping[str, Any], code: str, w: str) -> Normalisation:
+    """A modality's ``normalisation``: each field of its type here, the rest by ``Normalisation`` itself."""
+    norm = _need(entry, "normalisation", w, dict)
+    wn = f"{w}: normalisation"
+    clip = _need(norm, "clip", wn, list)
+    if len(clip) != 2:
+        raise ManifestError(f"{wn}: field 'clip' must be [low, high], got {clip!r}")
+    for i, bound in enumerate(clip):
+        _typed(bound, f"{wn}: clip[{i}]", _NUMBER)
+    _need(norm, "offset", wn, _NUMBER)
+    _need(norm, "scale", wn, _NUMBER)
+    try:
+        return Normalisation.from_manifest(norm, code)
+    except ValueError as exc:
+        raise ManifestError(f"{w}: {exc}") from None
 
 
 def parse_manifest(doc: Mapping[str, Any], where: str) -> Manifest:
@@ -159,26 +212,24 @@ def parse_manifest(doc: Mapping[str, Any], where: str) -> Manifest:
         code = _need(entry, "code", w, str)
         if code not in ("CT", "PT"):
             raise ManifestError(f"{w}: code must be CT or PT, got {code!r}")
-        try:
-            norms[code] = Normalisation.from_manifest(_need(entry, "normalisation", w, dict), code)
-        except ValueError as exc:
-            raise ManifestError(f"{w}: {exc}") from None
+        norms[code] = _normalisation(entry, code, w)
         modalities.append(code)
-    spacing = float(_need(doc, "spacing_mm", where, (int, float)))
-    if spacing <= 0:
+    spacing = float(_need(doc, "spacing_mm", where, _NUMBER))
+    if not (math.isfinite(spacing) and spacing > 0):
         raise ManifestError(f"{where}: spacing_mm must be > 0, got {spacing}")
     patch = _need(doc, "patch_size", where, list)
-    if len(patch) != 3 or not all(isinstance(p, int) and p > 0 for p in patch):
+    if len(patch) != 3 or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in patch):
         raise ManifestError(f"{where}: patch_size must be three positive integers, got {patch}")
     order = _need(doc, "channel_order", where, str)
     if order.replace("-", "_") not in CHANNEL_ORDERS:
         raise ManifestError(f"{where}: channel_order must be one of {CHANNEL_ORDERS} (or with '-'), got {order!r}")
     diff = _need(doc, "diffusion", where, dict)
+    _check_types(diff, f"{where}: diffusion", DIFFUSION_TYPES)
     try:  # the scheduler's own check: one source of truth for keys, enums and ranges
         SchedulerConfig.from_dict(diff)
     except (TypeError, ValueError) as exc:
         raise ManifestError(f"{where}: diffusion: {exc}") from None
-    defaults = _check_defaults(_need(doc, "defaults", where, dict), f"{where}: defaults")
+    defaults = _check_defaults(_need(doc, "defaults", where, dict), f"{where}: defaults", tuple(modalities), patch)
     _need(doc, "files", where, dict)
     return Manifest(
         name=_need(doc, "name", where, str),

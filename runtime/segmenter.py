@@ -100,7 +100,7 @@ class Segmenter:
         retire_after: step-major only: stop running a (window, sample) once its predicted mask has been empty for
             this many consecutive steps (0 = off, exact; None = the manifest's ``retire_after`` for step-major, 0 for
             window-major). A value > 0 with window-major is an error. See ``WindowOptions.retire_after``.
-        threads: CPU threads for the engine (None: all cores).
+        threads: CPU threads for the engine, an int >= 1 (None: all cores).
         device_loop: step-major only: keep x_t and the accumulators on the engine's device across steps (the
             backend's device ops; onnxruntime and torch). None: on where the engine runs on a GPU, off on the CPU
             (where the host loop is as fast). True on a backend or loop that cannot is an error.
@@ -166,6 +166,8 @@ class Segmenter:
         return self.options.device_loop
 
     def close(self) -> None:
+        """Release the backend's engine; a second call does nothing. ``predict`` and ``backend.run`` then raise a
+        ``RuntimeError``."""
         self.backend.close()
         self.closed = True
 

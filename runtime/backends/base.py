@@ -12,10 +12,12 @@ questions of every backend: ``precisions``; ``unavailable_reason()`` (why it can
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -31,6 +33,7 @@ __all__ = [
     "BackendUnavailableError",
     "available_backends",
     "backend_capabilities",
+    "check_threads",
     "get_backend",
     "pick_auto",
 ]
@@ -42,28 +45,85 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend, provider, device or precision is not available here; the message says why and how."""
 
 
+def check_threads(threads: object) -> int | None:
+    """``threads`` as the engines take it: an int >= 1, or None for all cores (the one check of the option).
+
+    Raises:
+        ValueError: anything else (0 and negative numbers included: the engines read them as "all cores" or fail
+            with a message that does not name the option).
+    """
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int | np.integer) or threads < 1:
+        raise ValueError(f"threads must be an int >= 1 (None: all cores), got {threads!r}")
+    return int(threads)
+
+
+# The methods that use the engine: once the backend is closed, each raises a RuntimeError that says so.
+_ENGINE_METHODS = ("run", "run_bound", "run_tensor", "device_ops")
+
+
+def _refused_when_closed(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def guarded(self: Backend, *args: Any, **kwargs: Any) -> Any:
+        if self.closed:
+            raise RuntimeError(
+                f"backend {self.name!r} was closed; load the model again (a new Segmenter) to run more cases"
+            )
+        return method(self, *args, **kwargs)
+
+    return guarded
+
+
+def _closed_once(close: Callable[[Backend], None]) -> Callable[[Backend], None]:
+    @functools.wraps(close)
+    def close_once(self: Backend) -> None:
+        if self.closed:
+            return
+        try:
+            close(self)
+        finally:
+            self.closed = True
+
+    return close_once
+
+
 class Backend(ABC):
     """One engine, loaded for a fixed patch size.
+
+    ``close()`` releases the engine; a second call does nothing, and the engine methods of every backend (``run``,
+    ``run_bound``, ``run_tensor``, ``device_ops``) raise a ``RuntimeError`` after it: a subclass's own definitions
+    of them are wrapped once, here, when the subclass is created.
 
     Attributes:
         name: the registry name.
         precisions: the precisions it can run, its default first.
         has_device_ops: ``device_ops(layout)`` keeps the step-major loop's arrays on the engine's device.
         device: where the engine runs (``cpu``, ``cuda:0``), set when loaded.
+        closed: ``close()`` was called.
     """
 
     name: ClassVar[str] = ""
     precisions: ClassVar[tuple[str, ...]] = ()
     has_device_ops: ClassVar[bool] = False
+    closed: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for method in _ENGINE_METHODS:
+            if method in cls.__dict__:
+                setattr(cls, method, _refused_when_closed(cls.__dict__[method]))
+        if "close" in cls.__dict__:
+            cls.close = _closed_once(cls.__dict__["close"])  # type: ignore[method-assign]
 
     def __init__(self, package: ModelPackage, precision: str, threads: int | None = None) -> None:
+        self.threads = check_threads(threads)
         if precision not in self.precisions:
             raise BackendUnavailableError(
                 f"backend {self.name!r} runs precisions {list(self.precisions)}, not {precision!r}"
             )
         self.package = package
         self.precision = precision
-        self.threads = threads
         m = package.manifest
         self.in_channels = m.in_channels
         self.out_channels = m.output_channels
@@ -84,6 +144,7 @@ class Backend(ABC):
     def run(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         """One engine call: ``x`` [B, C, *patch] float32, ``t`` [B] float32 → ``y`` [B, out, *patch] float32."""
 
+    @_refused_when_closed
     def device_ops(self, layout: DeviceLayout) -> DeviceOps:
         """The step-major loop's array work on this engine's device.
 
@@ -92,8 +153,9 @@ class Backend(ABC):
         """
         raise BackendUnavailableError(f"backend {self.name!r} cannot keep the sampler's x_t on its device")
 
-    def close(self) -> None:  # noqa: B027 (a no-op by default; engines holding device memory override it)
-        """Release the engine (sessions, device memory)."""
+    def close(self) -> None:
+        """Release the engine (sessions, device memory); a second call does nothing."""
+        self.closed = True
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "precision": self.precision, "device": self.device}
@@ -225,9 +287,10 @@ def get_backend(name: str, package: ModelPackage, precision: str | None = None, 
     """Load ``package`` on backend ``name`` (or ``auto``), at ``precision`` (None: the backend's default).
 
     Raises:
-        ValueError: unknown backend name.
+        ValueError: unknown backend name, or ``threads`` not an int >= 1 or None.
         BackendUnavailableError: the backend or precision cannot run here (with the install hint).
     """
+    threads = check_threads(threads)  # before a library is imported or an engine loaded
     if name == "auto":
         name, auto_precision = pick_auto(precision)
         precision = precision or auto_precision

@@ -8,6 +8,7 @@ difference ≤ 1e-3 for onnxruntime fp32 and Dice agreement ≥ 0.99; bf16 vs fp
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -245,6 +246,46 @@ def test_predict_after_close_says_so(small_phantom):
     seg.close()
     with pytest.raises(RuntimeError, match="Segmenter was closed"):
         seg.predict(small_phantom.ct, small_phantom.pet)
+
+
+@pytest.mark.parametrize(("name", "precision"), [("onnxruntime", "fp32"), ("openvino", "fp32")])
+def test_closed_backend_says_so_and_closes_once(small_phantom, name, precision):
+    # Before: backend.run after close was an AttributeError ('NoneType' object has no attribute 'run') on
+    # onnxruntime, and OpenVINO quietly compiled a new network and ran.
+    seg = Segmenter("default", backend=name, precision=precision, steps=1, samples=1)
+    backend = seg.backend
+    x = np.zeros((1, backend.in_channels, *backend.patch), np.float32)
+    t = np.zeros(1, np.float32)
+    assert backend.run(x, t).shape == (1, backend.out_channels, *backend.patch)  # control: open, it runs
+    seg.close()
+    seg.close()  # a second close does nothing, as for a file
+    assert seg.closed and backend.closed
+    with pytest.raises(RuntimeError, match=rf"backend {name!r} was closed; load the model again"):
+        backend.run(x, t)
+    with pytest.raises(RuntimeError, match=rf"backend {name!r} was closed"):
+        backend.device_ops(None)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="Segmenter was closed"):
+        seg.predict(small_phantom.ct, small_phantom.pet)
+
+
+@pytest.mark.parametrize("threads", [-3, 0, 1.5, True, "2"])
+def test_threads_must_be_a_positive_int(default_package, threads):
+    # Before: -3 reached OpenVINO, whose error did not name the option; 0 silently meant all cores.
+    message = rf"threads must be an int >= 1 \(None: all cores\), got {re.escape(repr(threads))}"
+    with pytest.raises(ValueError, match=message):
+        Segmenter("default", backend="openvino", precision="fp32", threads=threads)
+    with pytest.raises(ValueError, match=message):
+        get_backend("onnxruntime", default_package, "fp32", threads=threads)
+    from diffseg.runtime.backends.ort_backend import OrtCpuBackend
+
+    with pytest.raises(ValueError, match=message):  # a backend built directly checks it too
+        OrtCpuBackend(default_package, "fp32", threads=threads)
+
+
+def test_threads_one_reaches_the_engine(default_package):
+    with get_backend("onnxruntime", default_package, "fp32", threads=1) as backend:
+        assert backend.threads == 1
+        assert backend.session.get_session_options().intra_op_num_threads == 1
 
 
 @pytest.mark.skipif(
