@@ -1,11 +1,15 @@
 """The one orchestration of a case, layered by stage; every entry point (predict, demo, bench, serve) runs it.
 
-- :func:`segment_files`: read the input files (image files, DICOM series or a DICOM study) → :func:`segment_volumes`
-  → :func:`~diffseg.runtime.outputs.write_outputs`;
+- :func:`segment_files`: read the input files (image files, DICOM series or a DICOM study) → :func:`segment_loaded`
+  → :func:`write_case` (:func:`~diffseg.runtime.outputs.write_outputs` with the case's id and inputs);
 - :func:`segment_volumes`: CT and PET volumes → :func:`~diffseg.runtime.preprocess.prepare_input` (model grid, body
   box, candidate rule, normalisation) → :func:`sample` → back onto the CT grid (each map once, the PET once) →
   :func:`~diffseg.runtime.postprocess.postprocess` → a :class:`SegmentationResult`;
 - :func:`sample`: the model input through the chosen loop order on the segmenter's backend.
+
+The Ray cohort runner (:mod:`diffseg.runtime.distributed`) calls the same stages on different workers:
+``load_case`` + :func:`prepare_case` in CPU tasks, :func:`sample_case` in an actor that holds the segmenter,
+:func:`finish_case` + :func:`write_case` in CPU tasks; :func:`segment_loaded` chains the first three here.
 
 Each stage is timed here and the sampler counts its engine calls itself; nothing replaces a backend's methods.
 """
@@ -35,12 +39,15 @@ if TYPE_CHECKING:
 __all__ = [
     "CaseOutput",
     "PreparedCase",
+    "SampledCase",
     "finish_case",
     "prepare_case",
     "sample",
+    "sample_case",
     "segment_files",
     "segment_loaded",
     "segment_volumes",
+    "write_case",
 ]
 
 logger = logging.getLogger("diffseg")
@@ -191,6 +198,35 @@ def finish_case(
     )
 
 
+@dataclass(frozen=True)
+class SampledCase:
+    """What the sample stage gives :func:`finish_case`: the samples and what they were drawn with.
+
+    Attributes:
+        samples: the sampler's result.
+        options: the segmenter's options (``finish_case`` sets the case's seed in them).
+        settings: the segmenter's settings with the case's seed, for the report.
+        seconds: time the sampler took (the ``sample`` stage).
+    """
+
+    samples: SampleResult
+    options: SegmentOptions
+    settings: dict[str, Any]
+    seconds: float
+
+
+def sample_case(
+    segmenter: Segmenter, model_input: ModelInput, seed: int, progress: Callable[[int], None] | None = None
+) -> SampledCase:
+    """The sample stage: :func:`sample`, timed, with the settings the report records (the seed the case's)."""
+    start = time.perf_counter()
+    samples = sample(segmenter, model_input, seed, progress)
+    seconds = time.perf_counter() - start
+    options = segmenter.options
+    used = replace(options, sampler=replace(options.sampler, seed=int(seed)))
+    return SampledCase(samples, options, segmenter.settings(used), seconds)
+
+
 def segment_loaded(
     segmenter: Segmenter,
     loaded: LoadedCase,
@@ -200,16 +236,13 @@ def segment_loaded(
     checks: InputChecks | None = None,
     read_seconds: float = 0.0,
 ) -> SegmentationResult:
-    """A case as read through the three stages: :func:`prepare_case` → :func:`sample` → :func:`finish_case`."""
+    """A case as read through the three stages: :func:`prepare_case` → :func:`sample_case` → :func:`finish_case`."""
     options = segmenter.options
     prepared = prepare_case(
         segmenter.package.manifest, options, loaded, seed=seed, checks=checks, read_seconds=read_seconds
     )
-    start = time.perf_counter()
-    samples = sample(segmenter, prepared.model_input, prepared.seed, progress)
-    sample_seconds = time.perf_counter() - start
-    used = replace(options, sampler=replace(options.sampler, seed=prepared.seed))
-    return finish_case(prepared, samples, options, segmenter.settings(used), sample_seconds)
+    sampled = sample_case(segmenter, prepared.model_input, prepared.seed, progress)
+    return finish_case(prepared, sampled.samples, sampled.options, sampled.settings, sampled.seconds)
 
 
 def segment_volumes(
@@ -292,9 +325,39 @@ def segment_files(
     loaded = load_case(ct, pet, checks=checks)
     read_seconds = time.perf_counter() - start
     result = segment_loaded(segmenter, loaded, seed=seed, progress=progress, checks=checks, read_seconds=read_seconds)
-    extra: dict[str, Any] = {"case_id": case_id, "inputs": {"ct": str(ct), "pet": None if pet is None else str(pet)}}
+    return write_case(result, loaded, out_dir, case_id=case_id, ct=ct, pet=pet, write=write)
+
+
+def write_case(
+    result: SegmentationResult,
+    loaded: LoadedCase,
+    out_dir: Path,
+    *,
+    case_id: str,
+    ct: str | Path,
+    pet: str | Path | None,
+    write: WriteOptions | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> CaseOutput:
+    """The write stage of a case (:func:`segment_files` and the Ray cohort runner): its outputs, the report last.
+
+    Args:
+        result: the case's result (:func:`finish_case`).
+        loaded: the case as read (the CT the preview lies on, the DICOM study a SEG refers to).
+        out_dir: where the outputs go (created).
+        case_id: recorded in the report.
+        ct, pet: the inputs as given, recorded in the report.
+        write: which outputs to write (None: all).
+        extra: more report fields after ``case_id`` and ``inputs`` (the Ray runner's options).
+
+    Raises:
+        ValueError: an output path that leaves ``out_dir``.
+        OSError: a write failed (the message names the file).
+    """
+    fields: dict[str, Any] = {"case_id": case_id, "inputs": {"ct": str(ct), "pet": None if pet is None else str(pet)}}
+    fields.update(extra or {})
     start = time.perf_counter()
-    paths, report = write_outputs(result, out_dir, ct=loaded.ct, study=loaded.study, options=write, extra=extra)
+    paths, report = write_outputs(result, out_dir, ct=loaded.ct, study=loaded.study, options=write, extra=fields)
     write_seconds = time.perf_counter() - start
     logger.info("case %s: %d lesion(s), %.2f ml", case_id, len(result.lesions), result.total_volume_ml)
     return CaseOutput(result, paths, report, write_seconds)

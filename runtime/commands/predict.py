@@ -14,7 +14,8 @@ A cohort:   diffseg predict -i FOLDER_OR_CSV -o OUT      (case folders with ct.*
 Per case: mask.nii.gz, probability.nii.gz, uncertainty.nii.gz (std over samples), entropy.nii.gz, lesions.json,
 lesions.csv, preview.png, report.json (settings, backend, timings); for DICOM input also seg.dcm (DICOM SEG) and
 lesions_dicom.json. Cohorts: finished cases (with report.json) are skipped, a failing case is reported in
-OUT/failures.json and the rest go on; --num-parts/--part-id split a cohort across processes or machines."""
+OUT/failures.json and the rest go on; --num-parts/--part-id split a cohort across processes or machines.
+Beyond one machine: --ray [ADDRESS] runs the cohort on a Ray cluster (pip install "diffseg[ray]"), same outputs."""
 
 logger = logging.getLogger("diffseg")
 
@@ -55,11 +56,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def make_segmenter(args: argparse.Namespace):
-    from diffseg.runtime.segmenter import Segmenter
-
-    return Segmenter(
-        args.model,
+def segmenter_kwargs(args: argparse.Namespace) -> dict:
+    """The :class:`~diffseg.runtime.segmenter.Segmenter` arguments the command line gives (also sent to Ray actors)."""
+    return dict(
+        model=args.model,
         backend=args.backend,
         precision=args.precision,
         steps=args.steps,
@@ -76,6 +76,12 @@ def make_segmenter(args: argparse.Namespace):
         threads=args.threads,
         device_loop=args.device_loop,
     )
+
+
+def make_segmenter(args: argparse.Namespace):
+    from diffseg.runtime.segmenter import Segmenter
+
+    return Segmenter(**segmenter_kwargs(args))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +107,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "report.json)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_ray_arguments(parser)
     add_model_arguments(parser)
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ray [ADDRESS]`` and the resources of each sampling actor (Ray's names: num_gpus, num_cpus)."""
+    ray = parser.add_argument_group('Ray cluster, for a cohort (-i) beyond one machine; pip install "diffseg[ray]"')
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the cohort on Ray Data: without ADDRESS start a Ray cluster on this machine for the run (and "
+        "stop it); 'auto' or host:port joins a running cluster (every node needs diffseg, the model, the inputs "
+        "and -o at the same paths). Same outputs and resume rule as a local run",
+    )
+    ray.add_argument(
+        "--ray-actors",
+        type=int,
+        metavar="N",
+        help="sampling actors, one model each (default: one per GPU of the cluster, or its CPUs less one divided "
+        "by --ray-cpus-per-actor)",
+    )
+    ray.add_argument(
+        "--ray-gpus-per-actor",
+        type=float,
+        metavar="G",
+        help="GPUs per actor (num_gpus; default: 1 where the cluster has GPUs and the backend is not a CPU one)",
+    )
+    ray.add_argument(
+        "--ray-cpus-per-actor",
+        type=float,
+        default=1.0,
+        metavar="C",
+        help="CPUs per actor (num_cpus; on CPU actors also the engine's threads unless --threads; default 1)",
+    )
 
 
 def input_checks(args: argparse.Namespace):
@@ -137,8 +178,8 @@ def segment_case(segmenter, case, out_dir: Path, progress: bool, label: str, che
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from diffseg.runtime.atomic import write_json_atomic
     from diffseg.runtime.cases import Case, discover_cases, select_part
+    from diffseg.runtime.output_paths import case_is_done, case_output_dir
     from diffseg.runtime.outputs import REPORT_NAME
 
     if args.input is not None and (args.ct or args.pet):
@@ -149,6 +190,9 @@ def run(args: argparse.Namespace) -> int:
         path = getattr(args, name)
         if path is not None and not path.exists():
             raise FileNotFoundError(f"--{name} {path}: no such file or folder")
+    if args.output.exists() and not args.output.is_dir():
+        raise ValueError(f"-o {args.output}: exists and is not a folder; give a folder for the outputs")
+    ray_options = ray_options_of(args)  # before anything runs: a bad option, or Ray missing, is said at once
 
     if args.input is None:
         segmenter = make_segmenter(args)
@@ -162,22 +206,100 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     cases = select_part(discover_cases(args.input), args.num_parts, args.part_id)
-    todo = [c for c in cases if args.overwrite or not (args.output / c.case_id / REPORT_NAME).is_file()]
+    todo = [c for c in cases if args.overwrite or not case_is_done(args.output, c.case_id, REPORT_NAME)]
     print(f"{len(cases)} case(s) in this part, {len(cases) - len(todo)} already done, {len(todo)} to run")
     if not todo:
         return 0
+    if ray_options is not None:
+        return finish_cohort(args, todo, run_on_ray(args, todo, ray_options))
     segmenter = make_segmenter(args)
     checks = input_checks(args)
     failures = {}
     for case in tqdm(todo, desc="cases", unit="case", disable=args.no_progress):
         try:
-            segment_case(segmenter, case, args.output / case.case_id, not args.no_progress, case.case_id, checks)
+            out_dir = case_output_dir(args.output, case.case_id)  # under -o, or refused
+            segment_case(segmenter, case, out_dir, not args.no_progress, case.case_id, checks)
         except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
             logger.error("case %s failed: %s", case.case_id, exc)
             print(f"case {case.case_id} FAILED: {exc}")
             failures[case.case_id] = str(exc)
+    return finish_cohort(args, todo, failures)
+
+
+def _part_name(args: argparse.Namespace, stem: str) -> str:
+    return f"{stem}.json" if args.num_parts == 1 else f"{stem}.part{args.part_id}.json"
+
+
+def finish_cohort(args: argparse.Namespace, todo: list, failures: dict[str, str]) -> int:
+    """``failures.json`` (``failures.partK.json`` with --num-parts) if a case failed; the last line; the exit code."""
+    from diffseg.runtime.atomic import write_json_atomic
+
     if failures:
-        name = "failures.json" if args.num_parts == 1 else f"failures.part{args.part_id}.json"
-        write_json_atomic(args.output / name, failures)
+        write_json_atomic(args.output / _part_name(args, "failures"), failures)
     print(f"done: {len(todo) - len(failures)} ok, {len(failures)} failed")
     return 1 if failures else 0
+
+
+def ray_options_of(args: argparse.Namespace):
+    """The Ray options of the command line (None without --ray); Ray must import when --ray is given."""
+    flags = {
+        "--ray-actors": args.ray_actors,
+        "--ray-gpus-per-actor": args.ray_gpus_per_actor,
+        "--ray-cpus-per-actor": None if args.ray_cpus_per_actor == 1.0 else args.ray_cpus_per_actor,
+    }
+    given = [flag for flag, value in flags.items() if value is not None]
+    if args.ray is None:
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --ray [ADDRESS] (they size the Ray actors)")
+        return None
+    if args.input is None:
+        raise ValueError("--ray runs a cohort: give -i FOLDER_OR_CSV (one case runs here, without --ray)")
+    from diffseg.runtime.distributed import RayOptions, require_ray
+
+    require_ray()
+    return RayOptions(
+        address=args.ray,
+        actors=args.ray_actors,
+        num_gpus_per_actor=args.ray_gpus_per_actor,
+        num_cpus_per_actor=args.ray_cpus_per_actor,
+    )
+
+
+def run_on_ray(args: argparse.Namespace, todo: list, options) -> dict[str, str]:
+    """The cases to run on Ray (:func:`diffseg.runtime.distributed.run_cohort_on_ray`); returns the failures.
+
+    Each failing case is said as the local loop says it; the run's figures go to ``ray_run.json`` under -o.
+    """
+    from diffseg.runtime.atomic import write_json_atomic
+    from diffseg.runtime.distributed import run_cohort_on_ray
+
+    def said(record: dict) -> None:
+        if record["error"]:
+            logger.error("case %s failed: %s", record["case_id"], record["error"])
+            print(f"case {record['case_id']} FAILED: {record['error']}")
+
+    run = run_cohort_on_ray(
+        todo,
+        args.output,
+        segmenter_kwargs(args),
+        options=options,
+        checks=input_checks(args),
+        progress=not args.no_progress,
+        on_case=said,
+    )
+    if run.figures:
+        path = write_json_atomic(args.output / _part_name(args, "ray_run"), run.as_dict())
+        print(ray_summary(run, path))
+    return run.failures
+
+
+def ray_summary(run, path: Path) -> str:
+    """One line: actors and nodes, throughput, Ray's overhead per case, peak RSS by role, where the figures are."""
+    f, r = run.figures, run.ray
+    overhead = f["ray_overhead_s"] or {"mean": float("nan"), "p95": float("nan")}
+    rss = ", ".join(f"{role} {mb:.0f} MB" for role, mb in f["peak_rss_mb"].items() if mb is not None)
+    return (
+        f"ray {r['address']}: {r['actors']} actor(s) on {f['nodes']} node(s); {f['ok']} case(s) in {f['wall_s']:.1f} s "
+        f"({f['cases_per_minute'] or 0:.1f}/min); Ray's overhead per case {overhead['mean']:.3f} s (p95 "
+        f"{overhead['p95']:.3f} s); peak RSS per worker: {rss}; figures in {path}"
+    )
