@@ -109,9 +109,9 @@ class TensorrtBackend(Backend):
         if not self.plan_path.exists():
             logger.info("building TensorRT plan %s (first use on this GPU; cached afterwards)", self.plan_path.name)
             plan = build_plan(engine_file.path, precision, batch, self.in_channels, self.patch)
-            tmp = self.plan_path.with_suffix(".tmp")
-            tmp.write_bytes(plan)
-            tmp.replace(self.plan_path)
+            from ..atomic import write_bytes_atomic
+
+            write_bytes_atomic(self.plan_path, plan)  # a cut plan on a full disk must never be cached
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
         if self.engine is None:
