@@ -22,6 +22,7 @@ SUITE = Path(__file__).resolve().parent.parent / "tests" / "runtime" / "test_hos
 def _suite():
     spec = importlib.util.spec_from_file_location("hostile_suite", SUITE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

@@ -137,9 +137,12 @@ def prepare_case(
     volumes = {"CT": loaded.ct} if loaded.pet is None else {"CT": loaded.ct, "PT": loaded.pet}
     volumes, overrides = check_inputs(volumes, loaded.sources, checks or InputChecks())
     loaded = replace(loaded, ct=volumes["CT"], pet=volumes.get("PT"))
-    model_input = prepare_input(
-        volumes, manifest.modalities, manifest.normalisation, manifest.spacing_mm, candidate=options.candidate
-    )
+    try:
+        model_input = prepare_input(
+            volumes, manifest.modalities, manifest.normalisation, manifest.spacing_mm, candidate=options.candidate
+        )
+    except ValueError as exc:  # about the inputs together (overlap, a missing modality): name them all
+        raise ValueError(f"{' and '.join(loaded.sources.get(c, c) for c in volumes)}: {exc}") from None
     stages.lap("prepare")
     seed = options.sampler.seed if seed is None else int(seed)
     return PreparedCase(loaded, model_input, seed, (*loaded.overrides, *overrides), stages.seconds)

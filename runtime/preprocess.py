@@ -172,7 +172,10 @@ def prepare_input(
     # Outside its field of view a modality reads as its lowest normalised value (air / no uptake).
     raw = {m: resample_to(volumes[m], grid, "linear", default=norms[m].low).array for m in modalities}
     if "PT" in raw and float(raw["PT"].max(initial=0.0)) <= 0.0:
-        raise ValueError("the PET holds no uptake on the CT's field of view (do PET and CT overlap in space?)")
+        raise ValueError(
+            "the PET holds no uptake on the CT's field of view: PET and CT do not overlap in space (check that both "
+            "come from the same study and that their origins and directions were exported with the images)"
+        )
     whole = (slice(0, grid.shape[0]), slice(0, grid.shape[1]), slice(0, grid.shape[2]))
     box = body_box(raw["CT"]) if crop_to_body and "CT" in raw else whole
     shape = tuple(b.stop - b.start for b in box)

@@ -339,7 +339,7 @@ CASES = [
         "direction",
         "ct.mha",
     ),
-    Case("CT and PET do not overlap", geometry("pet", origin=(5000.0, 5000.0, 5000.0)), "overlap", None),
+    Case("CT and PET do not overlap", geometry("pet", origin=(5000.0, 5000.0, 5000.0)), "overlap", "pet.nii.gz"),
     # Values the model would misread.
     Case("CT in raw stored values (0…4095)", values("ct", lambda a: a + 1024), "hu", "ct.nii.gz"),
     Case("CT in raw values, air at 0", values("ct", lambda a: np.clip(a + 1000, 0, None)), "hu", "ct.nii.gz"),
