@@ -71,6 +71,20 @@ def fsync_dir(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
+def _removed_on_failure(tmp: Path, final: Path) -> Iterator[None]:
+    """On any failure remove the temporary file; an OSError or a failed check becomes one naming ``final``."""
+    try:
+        yield
+    except BaseException as exc:
+        error = _write_error(final, exc) if isinstance(exc, OSError | _CheckFailed) else None  # disk as it is now
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if error is not None:
+            raise error from exc
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | Path, *, mode: int | None = None, check: Check | None = None) -> Iterator[Path]:
     """Yield a new temporary file beside ``path`` for a writer to fill; check it and rename it over ``path``.
 
@@ -93,7 +107,7 @@ def atomic_path(path: str | Path, *, mode: int | None = None, check: Check | Non
     except OSError as exc:
         raise _write_error(final, exc) from exc
     os.close(fd)
-    try:
+    with _removed_on_failure(tmp, final):
         yield tmp
         fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -103,13 +117,6 @@ def atomic_path(path: str | Path, *, mode: int | None = None, check: Check | Non
         finally:
             os.close(fd)
         _publish(tmp, final, check)
-    except BaseException as exc:
-        error = _write_error(final, exc) if isinstance(exc, OSError | _CheckFailed) else None  # disk as it is now
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if error is not None:
-            raise error from exc
-        raise
 
 
 def write_bytes_atomic(
@@ -143,7 +150,7 @@ def write_bytes_atomic(
         tmp, fd = _create_temp(final, "")
     except OSError as exc:
         raise _write_error(final, exc) from exc
-    try:
+    with _removed_on_failure(tmp, final):
         try:
             if mode is not None:
                 os.fchmod(fd, mode)
@@ -155,13 +162,6 @@ def write_bytes_atomic(
         if size != len(data):
             raise _CheckFailed(f"{size} of {len(data)} bytes are on disk")
         _publish(tmp, final, check, format_check)
-    except BaseException as exc:
-        error = _write_error(final, exc) if isinstance(exc, OSError | _CheckFailed) else None  # disk as it is now
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if error is not None:
-            raise error from exc
-        raise
     return final
 
 
