@@ -190,6 +190,27 @@ def _why(exc: Exception) -> str:
     return f"{type(exc).__name__}: {last[:200]}"
 
 
+_GEOMETRY_COUNTS = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
+
+
+def _non_numeric_geometry(ds: Dataset) -> str | None:
+    """What is wrong with the numbers that place a slice (None: each is the right count of finite numbers)."""
+    for keyword, count in _GEOMETRY_COUNTS.items():
+        raw = ds.get(keyword)
+        values = (
+            list(raw)
+            if isinstance(raw, list | tuple) or (hasattr(raw, "__iter__") and not isinstance(raw, str))
+            else [raw]
+        )
+        try:
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError):
+            return f"{keyword} is not {count} numbers ({raw!r})"
+        if len(numbers) != count or not all(np.isfinite(numbers)):
+            return f"{keyword} is not {count} finite numbers ({raw!r})"
+    return None
+
+
 def _classified(path: Path, ds: Dataset) -> tuple[Dataset | None, SkippedFile | None]:
     """``_classify`` of a file that pydicom read."""
     meta = getattr(ds, "file_meta", None)
@@ -231,6 +252,8 @@ def _classified(path: Path, ds: Dataset) -> tuple[Dataset | None, SkippedFile | 
         return None, SkippedFile(path, f"image without {', '.join(missing)}: not part of a 3D volume")
     if min(int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)) < 1:  # not numbers: ValueError, see _classify
         return None, SkippedFile(path, "image of 0 rows, columns or bits: a broken header", broken=True)
+    if bad := _non_numeric_geometry(ds):
+        return _drop_pixels(ds), SkippedFile(path, f"{bad}: a broken header", broken=True)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta else ""
     if syntax in _NATIVE_SYNTAXES or not syntax:
         expected, got = _expected_pixel_bytes(ds), len(ds.PixelData)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -434,3 +435,30 @@ def test_element_of_unknown_vr_is_a_broken_file_named(study, tmp_path):
     assert skip.broken and skip.reason.startswith("unreadable DICOM header (NotImplementedError: Unknown Value")
     with pytest.raises(DicomInputError, match=rf"1 file\(s\) cannot be read, e\.g\. {re.escape(str(victim))}"):
         read_pet_ct(folder)
+
+
+@pytest.mark.parametrize(
+    "keyword, value",
+    [("ImageOrientationPatient", None), ("ImagePositionPatient", "1\\2"), ("PixelSpacing", "nan\\1")],
+)
+def test_slice_geometry_that_is_not_numbers_is_a_broken_file_named(study, tmp_path, keyword, value):
+    # Found by `python benchmarks/fuzz.py --minutes 10` (dicom): an orientation '0^0' raised a bare float() error
+    # out of series selection.
+    src, info = study
+    folder = _copy(src, tmp_path / "study")
+    victim = folder / "pet" / info["pet_files"][3].name
+    data = victim.read_bytes()
+    with warnings.catch_warnings():  # pydicom warns of the invalid DS, as it does in a real run (not an error there)
+        warnings.simplefilter("ignore", UserWarning)
+        if value is None:  # a '^' inside a number, in the bytes: pydicom would refuse to write it
+            at = data.index(b"\x20\x00\x37\x00DS", 132) + 8  # ImageOrientationPatient, explicit VR little endian
+            victim.write_bytes(data[:at] + data[at:].replace(b"0", b"^", 1))
+        else:
+            ds = pydicom.dcmread(victim)
+            ds[keyword].value = value
+            ds.save_as(victim, enforce_file_format=True)
+        assert victim.read_bytes() != data
+        (skip,) = [s for s in scan_dicom(folder).skipped if s.path == victim]
+        assert skip.broken and skip.reason.startswith(f"{keyword} is not")
+        with pytest.raises(DicomInputError, match=rf"1 file\(s\) cannot be read, e\.g\. {re.escape(str(victim))}"):
+            read_pet_ct(folder)
