@@ -30,6 +30,7 @@ def run_target(name: str, seconds: int, folder: Path) -> dict:
     corpus, crashes = folder / "corpus" / name, folder / "crashes" / name
     corpus.mkdir(parents=True, exist_ok=True)
     crashes.mkdir(parents=True, exist_ok=True)
+    earlier = set(crashes.iterdir())  # crashes of an earlier run in this folder are not this run's
     command = [
         sys.executable,
         str(TARGETS_FILE),
@@ -48,7 +49,7 @@ def run_target(name: str, seconds: int, folder: Path) -> dict:
     (folder / f"{name}.log").write_text(log)
     runs = re.findall(r"stat::number_of_executed_units:\s*(\d+)", log) or re.findall(r"Done (\d+) runs", log)
     cov = re.findall(r"\bcov: (\d+)", log)
-    found = sorted(p.name for p in crashes.iterdir())
+    found = sorted(p.name for p in set(crashes.iterdir()) - earlier)
     crashed = proc.returncode != 0 or bool(found)
     first = next((line for line in log.splitlines() if "Uncaught Python exception" in line or "ERROR:" in line), "")
     return {
@@ -63,6 +64,17 @@ def run_target(name: str, seconds: int, folder: Path) -> dict:
         "first_error": first,
         "log": str(folder / f"{name}.log"),
     }
+
+
+def _merged(rows: list[dict]) -> list[dict]:
+    """These targets' rows in place of theirs in the recorded results (a rerun of some targets keeps the others)."""
+    import json
+
+    path = RESULTS / "fuzz.json"
+    old = json.loads(path.read_text())["targets"] if path.is_file() else []
+    new = {r["target"]: r for r in rows}
+    kept = [new.pop(r["target"], r) for r in old]
+    return kept + list(new.values())
 
 
 def main() -> int:
@@ -96,6 +108,7 @@ def main() -> int:
         from diffseg.runtime.bench.machine import machine_info
 
         machine = machine_info()
+        rows = _merged(rows) if args.target else rows
         table = "\n".join(
             f"| {r['target']} | {r['seconds']:.0f} | {r['executions']} | {r['coverage_edges']} | {r['crashes']} |"
             for r in rows
