@@ -52,6 +52,8 @@ def finite_voxels(volume: Volume, source: str, nan_as: float | None) -> tuple[Vo
     Raises:
         ValueError: non-finite voxels and ``nan_as`` None; the message gives their count and where they lie.
     """
+    if not np.issubdtype(volume.array.dtype, np.floating):  # integers are always finite: no pass over them
+        return volume, None
     bad = ~np.isfinite(volume.array)
     count = int(np.count_nonzero(bad))
     if count == 0:

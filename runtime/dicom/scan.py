@@ -197,11 +197,7 @@ def _non_numeric_geometry(ds: Dataset) -> str | None:
     """What is wrong with the numbers that place a slice (None: each is the right count of finite numbers)."""
     for keyword, count in _GEOMETRY_COUNTS.items():
         raw = ds.get(keyword)
-        values = (
-            list(raw)
-            if isinstance(raw, list | tuple) or (hasattr(raw, "__iter__") and not isinstance(raw, str))
-            else [raw]
-        )
+        values = [raw] if isinstance(raw, str) or not hasattr(raw, "__iter__") else list(raw)  # VM 1 or more
         try:
             numbers = [float(v) for v in values]
         except (TypeError, ValueError):

@@ -40,7 +40,7 @@ WORK = Path(tempfile.mkdtemp(prefix="diffseg-fuzz-", dir="/dev/shm" if Path("/de
 
 
 def _small_volumes():
-    """A small plausible CT (HU) and PET (SUVbw) pair from the phantom generator."""
+    """A small phantom: a plausible CT (HU) and PET (SUVbw)."""
     from diffseg.runtime.phantom import PhantomOptions, make_phantom
 
     ph = make_phantom(3, PhantomOptions(ct_size_xy=48, ct_slices=12))
@@ -91,8 +91,8 @@ def _study_files() -> list[Path]:
 
 
 def dicom_seeds(corpus: Path) -> None:
-    for i, path in enumerate(_study_files()[::3]):
-        (corpus / f"dicom{i}").write_bytes(bytes([_study_files().index(path)]) + path.read_bytes())
+    for index, path in list(enumerate(_study_files()))[::3]:  # the first byte picks the file the rest replaces
+        (corpus / f"dicom{index}").write_bytes(bytes([index]) + path.read_bytes())
 
 
 def dicom_target(data: bytes) -> None:
