@@ -179,7 +179,7 @@ def test_inputs_that_do_not_overlap_are_refused(small_phantom):
         small_phantom.pet.direction,
     )
     seg = Segmenter("default", backend="onnxruntime", steps=1, samples=1)
-    with pytest.raises(ValueError, match="do PET and CT overlap"):
+    with pytest.raises(ValueError, match="PET and CT do not overlap in space"):
         seg.predict(small_phantom.ct, far)
 
 
