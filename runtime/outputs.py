@@ -1,5 +1,17 @@
-"""Writing a case's results: NIfTI maps, lesion table (JSON, CSV), preview PNG, DICOM SEG and the run report, each
-atomically. The writer computes nothing: every map, the PET on the CT grid and the lesion table come in the result.
+"""Writing a case's results: NIfTI maps, lesion table (JSON, CSV), preview PNG, DICOM outputs and the run report,
+each atomically. The writer computes nothing: every map, the PET on the CT grid and the lesion table come in the
+result.
+
+DICOM outputs (for DICOM input; ``WriteOptions.dicom_outputs``), each a fixed file name and path key:
+
+======================  ========================  ======================================================
+kind                    file                      what
+======================  ========================  ======================================================
+``seg``                 ``seg.dcm``               BINARY SEG of the mask (one segment, the tumour)
+``rtstruct``            ``rtstruct.dcm``          RTSTRUCT: one ROI per lesion and one for the tumour
+``labelmap``            ``seg_labelmap.dcm``      LABELMAP SEG, one segment per lesion (number = lesion id)
+``fractional``          ``seg_fractional.dcm``    FRACTIONAL (PROBABILITY) SEG of ``result.probability``
+======================  ========================  ======================================================
 
 ``report.json`` is written last: its presence marks a finished case (batch runs skip such cases when resumed).
 """
@@ -11,7 +23,8 @@ import io
 import json
 import platform
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +36,29 @@ from .postprocess import LESION_FIELDS
 from .result import SegmentationResult
 from .volume import Volume, write_volume
 
-__all__ = ["REPORT_NAME", "WriteOptions", "lesions_csv", "preview_png", "write_outputs"]
+__all__ = [
+    "DICOM_FILE_NAMES",
+    "DICOM_OUTPUTS",
+    "DICOM_PATH_KEYS",
+    "REPORT_NAME",
+    "WriteOptions",
+    "lesions_csv",
+    "preview_png",
+    "write_outputs",
+]
 
 REPORT_NAME = "report.json"
+#: The DICOM outputs :func:`write_outputs` can write, in the order it writes them.
+DICOM_OUTPUTS = ("seg", "rtstruct", "labelmap", "fractional")
+#: The file of each DICOM output, in the case's folder.
+DICOM_FILE_NAMES = {
+    "seg": "seg.dcm",
+    "rtstruct": "rtstruct.dcm",
+    "labelmap": "seg_labelmap.dcm",
+    "fractional": "seg_fractional.dcm",
+}
+#: The key of each DICOM output in the paths :func:`write_outputs` returns (and the report's ``outputs``).
+DICOM_PATH_KEYS = {kind: f"dicom_{kind}" for kind in DICOM_OUTPUTS}
 
 
 def lesions_csv(lesions: list[dict[str, Any]]) -> str:
@@ -112,23 +145,106 @@ class WriteOptions:
         maps: ``mask``, ``probability``, ``uncertainty``, ``entropy`` as NIfTI.
         tables: ``lesions.json`` and ``lesions.csv``; for DICOM input also ``lesions_dicom.json``.
         preview: ``preview.png``.
-        seg: for DICOM input, the DICOM SEG (``seg_name``).
-        seg_name: file name of the DICOM SEG.
-        seg_options: UIDs and other SEG settings (None: highdicom's new UIDs).
+        dicom_outputs: for DICOM input, the DICOM outputs to write, each of :data:`DICOM_OUTPUTS` (``seg``,
+            ``rtstruct``, ``labelmap``, ``fractional``; see the module docstring); empty: none.
+        dicom_uids: per DICOM output kind, the (SeriesInstanceUID, SOPInstanceUID) to write it with; a kind
+            absent from it gets new UIDs. All UIDs given must differ.
+        seg_options: the SEGs' labels, descriptions and other settings (``SegOptions``; None: the defaults), used
+            for ``seg``, ``labelmap`` and ``fractional``; its UIDs are overridden by ``dicom_uids`` and, if set,
+            used for ``seg`` only when ``dicom_uids`` has no ``seg`` (two series never share UIDs).
+        rtstruct_options: the RTSTRUCT's names and settings (``RtstructOptions``; None: the defaults); its UIDs
+            likewise, for ``rtstruct``.
         report: ``report.json``, written last (its presence marks a finished case).
     """
 
     maps: bool = True
     tables: bool = True
     preview: bool = True
-    seg: bool = True
-    seg_name: str = "seg.dcm"
+    dicom_outputs: tuple[str, ...] = ("seg", "rtstruct")
+    dicom_uids: Mapping[str, tuple[str, str]] | None = None
     seg_options: Any = None
+    rtstruct_options: Any = None
     report: bool = True
 
     def __post_init__(self) -> None:
-        if not self.seg_name or Path(self.seg_name).name != self.seg_name:
-            raise ValueError(f"seg_name must be a plain file name, got {self.seg_name!r}")
+        if isinstance(self.dicom_outputs, str):
+            raise TypeError(f"dicom_outputs must be a tuple of names, got the string {self.dicom_outputs!r}")
+        kinds = tuple(self.dicom_outputs)
+        for kind in kinds:
+            if kind not in DICOM_OUTPUTS:
+                raise ValueError(f"dicom_outputs: unknown output {kind!r}; allowed: {', '.join(DICOM_OUTPUTS)}")
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"dicom_outputs names an output twice: {kinds}")
+        object.__setattr__(self, "dicom_outputs", kinds)
+        if self.dicom_uids is not None:
+            object.__setattr__(self, "dicom_uids", _checked_uids(self.dicom_uids))
+
+    def uids(self, kind: str) -> tuple[str | None, str | None]:
+        """The (SeriesInstanceUID, SOPInstanceUID) of DICOM output ``kind``; None: a new UID."""
+        if self.dicom_uids is not None and kind in self.dicom_uids:
+            return self.dicom_uids[kind]
+        own = {"seg": self.seg_options, "rtstruct": self.rtstruct_options}.get(kind)
+        if own is not None:
+            return own.series_instance_uid, own.sop_instance_uid
+        return None, None
+
+
+def _checked_uids(uids: Mapping[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """``dicom_uids`` as a plain dict (picklable, for Ray workers), every kind known and every UID valid, once."""
+    from pydicom.uid import RE_VALID_UID
+
+    if not isinstance(uids, Mapping):
+        raise TypeError(f"dicom_uids must map output kinds to (series UID, SOP instance UID), got {type(uids)}")
+    out: dict[str, tuple[str, str]] = {}
+    for kind, pair in uids.items():
+        if kind not in DICOM_OUTPUTS:
+            raise ValueError(f"dicom_uids: unknown output {kind!r}; allowed: {', '.join(DICOM_OUTPUTS)}")
+        if isinstance(pair, str) or len(pair) != 2:
+            raise ValueError(f"dicom_uids[{kind!r}] must be (SeriesInstanceUID, SOPInstanceUID), got {pair!r}")
+        for uid in pair:
+            if not isinstance(uid, str) or len(uid) > 64 or not RE_VALID_UID.match(uid):
+                raise ValueError(f"dicom_uids[{kind!r}]: {uid!r} is not a valid UID (digits and dots, <= 64)")
+        out[kind] = (str(pair[0]), str(pair[1]))
+    every = [uid for pair in out.values() for uid in pair]
+    if len(set(every)) != len(every):
+        raise ValueError(f"dicom_uids: every UID must differ (each output is its own series and instance), got {out}")
+    return out
+
+
+def _write_dicom(result: SegmentationResult, study: Any, opt: WriteOptions, under: Any) -> dict[str, Path]:
+    """The DICOM outputs ``opt.dicom_outputs`` asks for, in :data:`DICOM_OUTPUTS` order."""
+    from .dicom import RtstructOptions, SegOptions, write_rtstruct, write_seg
+
+    paths: dict[str, Path] = {}
+    seg_options = opt.seg_options or SegOptions()
+    connectivity = result.options.postprocess.connectivity
+    for kind in (k for k in DICOM_OUTPUTS if k in opt.dicom_outputs):
+        series_uid, sop_uid = opt.uids(kind)
+        path = under(DICOM_FILE_NAMES[kind])
+        if kind == "rtstruct":
+            rt_options = replace(
+                opt.rtstruct_options or RtstructOptions(), series_instance_uid=series_uid, sop_instance_uid=sop_uid
+            )
+            written = write_rtstruct(
+                result.mask,
+                list(result.lesions),
+                study,
+                path,
+                labels=result.labels,
+                connectivity=connectivity,
+                options=rt_options,
+            )
+        else:
+            options = replace(seg_options, series_instance_uid=series_uid, sop_instance_uid=sop_uid)
+            extra: dict[str, Any] = {}
+            if kind == "labelmap":
+                extra = {"labels": result.labels, "lesions": list(result.lesions), "connectivity": connectivity}
+            elif kind == "fractional":
+                extra = {"probability": result.probability}
+            seg_kind = "binary" if kind == "seg" else kind
+            written = write_seg(result.mask, study, path, kind=seg_kind, options=options, **extra)
+        paths[DICOM_PATH_KEYS[kind]] = written
+    return paths
 
 
 def write_outputs(
@@ -175,10 +291,8 @@ def write_outputs(
         paths["lesions_csv"] = write_text_atomic(under("lesions.csv"), lesions_csv(list(result.lesions)))
     if opt.preview and result.pet_on_ct is not None:
         paths["preview"] = write_bytes_atomic(under("preview.png"), preview_png(ct, result.pet_on_ct, result.mask))
-    if study is not None and opt.seg:
-        from .dicom import write_seg
-
-        paths["dicom_seg"] = write_seg(result.mask, study, under(opt.seg_name), options=opt.seg_options)
+    if study is not None and opt.dicom_outputs:
+        paths.update(_write_dicom(result, study, opt, under))
     if study is not None and opt.tables:
         from .dicom import write_lesion_table
 

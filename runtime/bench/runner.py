@@ -172,7 +172,7 @@ def _case_row(segmenter, case: BenchCase, options: BenchOptions, out: Path, flop
     if cuda is not None:
         cuda.synchronize()
         cuda.reset_peak_memory_stats()
-    nothing = WriteOptions(maps=False, tables=False, preview=False, seg=False, report=False)
+    nothing = WriteOptions(maps=False, tables=False, preview=False, dicom_outputs=(), report=False)
     write = None if options.write_outputs else nothing
     start = time.perf_counter()
     with PeakRssMonitor() as mon:  # as `diffseg predict`: the one pipeline, read to write

@@ -12,12 +12,33 @@ One case:   diffseg predict --ct CT --pet PET -o OUT     (image files, or two DI
 A cohort:   diffseg predict -i FOLDER_OR_CSV -o OUT      (case folders with ct.*/pet.* or DICOM; or CSV case_id,ct,pet)
 
 Per case: mask.nii.gz, probability.nii.gz, uncertainty.nii.gz (std over samples), entropy.nii.gz, lesions.json,
-lesions.csv, preview.png, report.json (settings, backend, timings); for DICOM input also seg.dcm (DICOM SEG) and
-lesions_dicom.json. Cohorts: finished cases (with report.json) are skipped, a failing case is reported in
+lesions.csv, preview.png, report.json (settings, backend, timings); for DICOM input also lesions_dicom.json and the
+DICOM outputs of --dicom-outputs: seg.dcm (DICOM SEG) and rtstruct.dcm (RTSTRUCT, one ROI per lesion and one for
+the tumour) by default, seg_labelmap.dcm (LABELMAP SEG, one segment per lesion) and seg_fractional.dcm
+(probability SEG) on request. Cohorts: finished cases (with report.json) are skipped, a failing case is reported in
 OUT/failures.json and the rest go on; --num-parts/--part-id split a cohort across processes or machines.
 Beyond one machine: --ray [ADDRESS] runs the cohort on a Ray cluster (pip install "diffseg[ray]"), same outputs."""
 
 logger = logging.getLogger("diffseg")
+
+# The names of diffseg.runtime.outputs.DICOM_OUTPUTS, spelled here so that building the parser imports nothing
+# heavy (tests/runtime/dicom/test_dicom_rtstruct.py checks that the two agree).
+DICOM_OUTPUT_NAMES = ("seg", "rtstruct", "labelmap", "fractional")
+DEFAULT_DICOM_OUTPUTS = ("seg", "rtstruct")
+
+
+def dicom_outputs_arg(text: str) -> tuple[str, ...]:
+    """``--dicom-outputs``: a comma list of DICOM output names; ``none`` (or nothing) for no DICOM output."""
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    if names == ["none"]:
+        return ()
+    bad = [name for name in names if name not in DICOM_OUTPUT_NAMES]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown DICOM output {', '.join(map(repr, bad))}; allowed: {', '.join(DICOM_OUTPUT_NAMES)} "
+            "(a comma list), or none"
+        )
+    return tuple(dict.fromkeys(names))  # in the order given, each once
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +127,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="set NaN and infinite voxels of an input image to VALUE instead of refusing the case (recorded in "
         "report.json)",
     )
+    parser.add_argument(
+        "--dicom-outputs",
+        type=dicom_outputs_arg,
+        default=DEFAULT_DICOM_OUTPUTS,
+        metavar="LIST",
+        help="DICOM input: the DICOM outputs to write, a comma list of seg (seg.dcm, BINARY SEG), rtstruct "
+        "(rtstruct.dcm, RT Structure Set), labelmap (seg_labelmap.dcm, LABELMAP SEG of the lesions), fractional "
+        "(seg_fractional.dcm, probability SEG); 'none' writes none (default: seg,rtstruct)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_ray_arguments(parser)
     add_model_arguments(parser)
@@ -152,8 +182,17 @@ def input_checks(args: argparse.Namespace):
     return InputChecks(force_units=args.force_units, nan_as=args.nan_as)
 
 
-def segment_case(segmenter, case, out_dir: Path, progress: bool, label: str, checks=None) -> dict:
-    """One case through the pipeline with a progress bar of engine calls; returns the report."""
+def write_options(args: argparse.Namespace):
+    """The :class:`~diffseg.runtime.outputs.WriteOptions` the command line gives (all outputs, and the DICOM
+    outputs of ``--dicom-outputs``)."""
+    from diffseg.runtime.outputs import WriteOptions
+
+    return WriteOptions(dicom_outputs=tuple(args.dicom_outputs))
+
+
+def segment_case(segmenter, case, out_dir: Path, progress: bool, label: str, checks=None, write=None) -> dict:
+    """One case through the pipeline with a progress bar of engine calls; returns the report (``write``: the
+    outputs, None: all with the default DICOM outputs)."""
     from tqdm import tqdm
 
     from diffseg.runtime.pipeline import segment_files
@@ -168,7 +207,7 @@ def segment_case(segmenter, case, out_dir: Path, progress: bool, label: str, che
 
     try:
         output = segment_files(
-            segmenter, case.ct, case.pet, out_dir, case_id=case.case_id, progress=tick, checks=checks
+            segmenter, case.ct, case.pet, out_dir, case_id=case.case_id, write=write, progress=tick, checks=checks
         )
         return output.report
     finally:
@@ -197,7 +236,9 @@ def run(args: argparse.Namespace) -> int:
     if args.input is None:
         segmenter = make_segmenter(args)
         case = Case("case", args.ct, args.pet)
-        report = segment_case(segmenter, case, args.output, not args.no_progress, "case", input_checks(args))
+        report = segment_case(
+            segmenter, case, args.output, not args.no_progress, "case", input_checks(args), write_options(args)
+        )
         print(
             f"{args.output}: {report['lesion_count']} lesion(s), {report['total_volume_ml']:.2f} ml; "
             f"backend {report['settings']['backend']} {report['settings']['precision']}; "
@@ -214,11 +255,12 @@ def run(args: argparse.Namespace) -> int:
         return finish_cohort(args, todo, run_on_ray(args, todo, ray_options))
     segmenter = make_segmenter(args)
     checks = input_checks(args)
+    write = write_options(args)
     failures = {}
     for case in tqdm(todo, desc="cases", unit="case", disable=args.no_progress):
         try:
             out_dir = case_output_dir(args.output, case.case_id)  # under -o, or refused
-            segment_case(segmenter, case, out_dir, not args.no_progress, case.case_id, checks)
+            segment_case(segmenter, case, out_dir, not args.no_progress, case.case_id, checks, write)
         except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
             logger.error("case %s failed: %s", case.case_id, exc)
             print(f"case {case.case_id} FAILED: {exc}")
@@ -284,6 +326,7 @@ def run_on_ray(args: argparse.Namespace, todo: list, options) -> dict[str, str]:
         segmenter_kwargs(args),
         options=options,
         checks=input_checks(args),
+        write=write_options(args),
         progress=not args.no_progress,
         on_case=said,
     )
