@@ -1,12 +1,13 @@
-"""Soak test of ``diffseg serve``: Orthanc pushes N phantom studies while the node is SIGKILLed K times.
+"""Soak test of ``diffseg serve``: Orthanc pushes N phantom studies, each PET late, while the node is SIGKILLed.
 
 Everything runs in a private network namespace (this script moves its thread into one and brings ``lo`` up;
 Orthanc binds every interface and is never started outside it). Orthanc (Debian package) holds N synthetic
-PET/CT studies; each is pushed to the node with ``POST /modalities/node/store`` (a push that fails because the
-node is down is retried, as a router would). Meanwhile the node is killed with SIGKILL at K random moments and
-restarted. At the end every study must hold exactly one SEG in Orthanc: the script counts SEG instances per
-study through Orthanc's REST API, and the node's ``job_done`` log events (a SEG confirmed by Orthanc) across
-all runs of the node.
+PET/CT studies; each study's CT series is pushed to the node with ``POST /modalities/node/store``, then its PET
+series after a random delay of 0 to ``--pet-delay-windows`` idle windows (as a scanner sends the PET once it is
+reconstructed); a push that fails because the node is down is retried, as a router would. Meanwhile the node is
+killed with SIGKILL at K random moments and restarted. At the end every study must hold exactly one SEG and one
+RTSTRUCT in Orthanc: the script counts them per study through Orthanc's REST API, and the node's ``job_done``
+log events across all runs of the node. The spool's size after the soak shows the purge (``keep_done_days``).
 
 Usage (root; apt-get install -y orthanc dcmtk):
     python benchmarks/serve_soak.py [--studies 20] [--kills 3] [--seed 0] [--model default] [--backend auto]
@@ -33,34 +34,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from dicom_net import NodeProcess, Orthanc, free_port, netns_unavailable_reason, private_netns, wait_for
 
 from diffseg.runtime.dicom import write_phantom_dicom
+from diffseg.runtime.environment import cpu_info
 from diffseg.runtime.phantom import PhantomOptions, make_phantom
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_soak.json"
 
 
-def _study_id(pacs: Orthanc, study_uid: str) -> str:
-    (study,) = pacs.find("Study", {"StudyInstanceUID": study_uid})
-    return study["ID"]
+def _counts(pacs: Orthanc, study_uids: list[str], modality: str) -> dict[str, int]:
+    return {uid: len(pacs.find("Instance", {"StudyInstanceUID": uid, "Modality": modality})) for uid in study_uids}
 
 
-def _seg_counts(pacs: Orthanc, study_uids: list[str]) -> dict[str, int]:
-    return {uid: len(pacs.find("Instance", {"StudyInstanceUID": uid, "Modality": "SEG"})) for uid in study_uids}
+def _series_ids(pacs: Orthanc, study_uid: str) -> dict[str, str]:
+    series = pacs.find("Series", {"StudyInstanceUID": study_uid})
+    return {s["MainDicomTags"]["Modality"]: s["ID"] for s in series}
 
 
-def _pusher(pacs: Orthanc, ids: list[str], log: dict, stop: threading.Event) -> None:
-    """Push each study until Orthanc reports every instance sent (the node may be down at any moment)."""
-    for orthanc_id in ids:
-        tries = 0
-        while not stop.is_set():
-            tries += 1
-            try:
-                answer = pacs.push_to_node([orthanc_id])
-                if answer.get("FailedInstancesCount", 1) == 0:
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(1.0)
-        log["push_tries"][orthanc_id] = tries
+def _push(pacs: Orthanc, orthanc_id: str, stop: threading.Event) -> int:
+    """Push one series until Orthanc reports every instance sent (the node may be down at any moment)."""
+    tries = 0
+    while not stop.is_set():
+        tries += 1
+        try:
+            answer = pacs.push_to_node([orthanc_id])
+            if answer.get("FailedInstancesCount", 1) == 0:
+                break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1.0)
+    return tries
+
+
+def _pusher(pacs: Orthanc, series: list[dict[str, str]], delays: list[float], log: dict, stop: threading.Event) -> None:
+    """Each study: its CT, then its PET ``delay`` seconds later."""
+    for ids, delay in zip(series, delays, strict=True):
+        log["push_tries"][ids["CT"]] = _push(pacs, ids["CT"], stop)
+        time.sleep(delay)
+        log["push_tries"][ids["PT"]] = _push(pacs, ids["PT"], stop)
     log["pushes_finished_at"] = time.monotonic()
 
 
@@ -78,7 +87,12 @@ def run(args: argparse.Namespace) -> dict:
         node = NodeProcess(
             work / "node",
             free_port(),
-            {"idle_seconds": args.idle_seconds, "model": args.model, "backend": args.backend},
+            {
+                "idle_seconds": args.idle_seconds,
+                "model": args.model,
+                "backend": args.backend,
+                "keep_done_days": args.keep_done_days,
+            },
             worker=True,
         )
         pacs = Orthanc(work / "orthanc", node_aet="NODE", node_port=node.port).start(host_ns)
@@ -88,13 +102,14 @@ def run(args: argparse.Namespace) -> dict:
             for folder in studies.values():
                 for path in sorted(folder.rglob("*.dcm")):
                     pacs.upload(path)
-            ids = [_study_id(pacs, uid) for uid in studies]
+            series = [_series_ids(pacs, uid) for uid in studies]
+            delays = [rng.uniform(0.0, args.pet_delay_windows * args.idle_seconds) for _ in studies]
             setup_s = time.perf_counter() - t_setup
             node.start()
             start = time.monotonic()
             log: dict = {"push_tries": {}, "pushes_finished_at": None}
             stop = threading.Event()
-            pusher = threading.Thread(target=_pusher, args=(pacs, ids, log, stop), daemon=True)
+            pusher = threading.Thread(target=_pusher, args=(pacs, series, delays, log, stop), daemon=True)
             pusher.start()
             kills = []
             for _ in range(args.kills):
@@ -108,13 +123,19 @@ def run(args: argparse.Namespace) -> dict:
             uids = list(studies)
 
             def all_done():
-                summary = node.status()["summary"]
-                return summary["done"] + summary["failed"] >= len(uids) and summary
+                status = node.status()
+                summary = status["summary"]
+                idle = not status["waiting"] and not any(summary[s] for s in ("queued", "running", "sending"))
+                return idle and summary["done"] + summary["failed"] >= len(uids) and summary
 
             final = wait_for(all_done, args.timeout, "every job done or failed", interval=1.0)
             elapsed = time.monotonic() - start
-            segs = _seg_counts(pacs, uids)
+            segs = _counts(pacs, uids, "SEG")
+            rtstructs = _counts(pacs, uids, "RTSTRUCT")
             jobs = node.status()["jobs"]
+            time.sleep(2.0)  # the purge runs on the node's watcher, every half second
+            spool_bytes = sum(f.stat().st_size for f in node.spool.rglob("*") if f.is_file())
+            incoming_bytes = sum(f.stat().st_size for f in (node.spool / "incoming").rglob("*") if f.is_file())
             confirmations: dict[str, int] = {}
             for run_no in range(1, node.starts + 1):
                 for event in node.events("job_done", start=run_no):
@@ -123,21 +144,30 @@ def run(args: argparse.Namespace) -> dict:
             stop_rc = node.stop()
             pacs.stop()
     expected_instances = {uid: len(list(folder.rglob("*.dcm"))) for uid, folder in studies.items()}
-    lost = sorted(uid for uid, n in segs.items() if n == 0)
-    duplicated = sum(max(0, n - 1) for n in segs.values())
+    lost = sorted(uid for uid in uids if segs[uid] == 0 or rtstructs[uid] == 0)
+    duplicated = sum(max(0, n - 1) for n in [*segs.values(), *rtstructs.values()])
     return {
         "command": "python benchmarks/serve_soak.py " + " ".join(sys.argv[1:]),
         "studies": len(studies),
         "expected_segs": len(studies),
         "segs_in_orthanc": sum(segs.values()),
+        "rtstructs_in_orthanc": sum(rtstructs.values()),
         "lost": len(lost),
         "duplicated": duplicated,
+        "failed": sum(1 for j in jobs if j["state"] == "failed"),
         "lost_studies": lost,
+        "pet_delays_s": [round(d, 2) for d in delays],
+        "pet_delays_beyond_idle": sum(1 for d in delays if d > args.idle_seconds),
+        "versions_beyond_first": sum(1 for j in jobs if j["version"] > 1),
+        "spool_bytes_after": spool_bytes,
+        "incoming_bytes_after": incoming_bytes,
         "kills": kills,
         "jobs": final,
         "jobs_resegmented_after_kill": sum(1 for j in jobs if j["runs"] > 1),
         # a job that started before its study had fully arrived (e.g. a kill cut a push short)
-        "jobs_on_incomplete_studies": sum(1 for j in jobs if j["instances"] != expected_instances[j["study_uid"]]),
+        "jobs_on_incomplete_studies": sum(
+            1 for j in jobs if j["state"] == "done" and j["instances"] != expected_instances[j["study_uid"]]
+        ),
         "seg_sends_confirmed_per_study": sorted(set(confirmations.values())),
         "studies_confirmed_more_than_once": sum(1 for n in confirmations.values() if n > 1),
         "push_tries_total": sum(log["push_tries"].values()),
@@ -146,8 +176,14 @@ def run(args: argparse.Namespace) -> dict:
         "setup_s": round(setup_s, 1),
         "node_exit_code": stop_rc,
         "phantom": {"ct_size_xy": args.ct_size, "ct_slices": args.ct_slices},
-        "node": {"idle_seconds": args.idle_seconds, "model": args.model, "backend": args.backend},
+        "node": {
+            "idle_seconds": args.idle_seconds,
+            "model": args.model,
+            "backend": args.backend,
+            "keep_done_days": args.keep_done_days,
+        },
         "machine": {
+            **cpu_info(),
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
@@ -165,7 +201,11 @@ def main() -> int:
     parser.add_argument("--kill-max-s", type=float, default=90.0, help="longest time between kills")
     parser.add_argument("--ct-size", type=int, default=128)
     parser.add_argument("--ct-slices", type=int, default=16)
-    parser.add_argument("--idle-seconds", type=float, default=1.0)
+    parser.add_argument("--idle-seconds", type=float, default=2.0)
+    parser.add_argument(
+        "--pet-delay-windows", type=float, default=3.0, help="each PET comes 0 to this many idle windows after its CT"
+    )
+    parser.add_argument("--keep-done-days", type=float, default=0.0, help="the node's keep_done_days (0: purge)")
     parser.add_argument("--model", default="default")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--timeout", type=float, default=1800.0)
@@ -179,7 +219,7 @@ def main() -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    return 0 if result["lost"] == 0 and result["duplicated"] == 0 else 1
+    return 0 if result["lost"] == result["duplicated"] == result["failed"] == 0 else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""What this installation has: package versions, the extension's build, CPU features, backends and devices."""
+"""What this installation has: package versions, the extension's build, CPU features, backends and devices, and the
+DICOM transfer syntaxes it decodes."""
 
 from __future__ import annotations
 
@@ -80,6 +81,17 @@ def _engines() -> dict[str, dict[str, Any]]:
     return backend_capabilities()
 
 
+def _codecs() -> list[dict[str, Any]] | dict[str, str]:
+    """Each transfer syntax pydicom has a decoder for: decodable here or not, by which plugins (``diffseg serve``
+    accepts the decodable ones); ``{"error": ...}`` when pydicom's decoders cannot be asked."""
+    try:
+        from .dicom.codecs import transfer_syntax_support
+
+        return [s.as_dict() for s in transfer_syntax_support()]
+    except Exception as exc:  # a broken codec plugin must not break `info`
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def collect_info() -> dict[str, Any]:
     import numpy as np
 
@@ -93,4 +105,5 @@ def collect_info() -> dict[str, Any]:
         "cpu": cpu_info(),
         "backends": _backends(),
         "engines": _engines(),
+        "transfer_syntaxes": _codecs(),
     }

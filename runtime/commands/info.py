@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-DESCRIPTION = "Print the package version, the compiled extension's build, and which backends import and see devices."
+DESCRIPTION = (
+    "Print the package version, the compiled extension's build, which backends import and see devices, and which "
+    "DICOM transfer syntaxes this installation decodes."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,4 +44,21 @@ def run(args: argparse.Namespace) -> int:
         runs = [p for p, why in e["precisions"].items() if why is None]
         state = f"runs {', '.join(runs) or 'no precision here'}" if e["available"] else f"unavailable ({e['reason']})"
         print(f"  {name:22s} {state}; device loop: {'yes' if e.get('device_ops') else 'no'}")
+    _print_transfer_syntaxes(info["transfer_syntaxes"])
     return 0
+
+
+def _print_transfer_syntaxes(syntaxes: list[dict] | dict) -> None:
+    print("DICOM transfer syntaxes (decoded here; diffseg serve accepts exactly these):")
+    if isinstance(syntaxes, dict):
+        print(f"  cannot tell: {syntaxes['error']}")
+        return
+    for s in syntaxes:
+        state = f"yes ({', '.join(s['plugins'])})" if s["decodable"] else "no"
+        kind = "lossless" if s["lossless"] else "lossy"
+        line = f"  {s['uid']:24s} {kind:8s} {state:20s} {s['name']}"
+        if not s["decodable"]:
+            line += f"; needs {' or '.join(s['missing']) or 'a decoder plugin'}"
+        if s["note"]:
+            line += f" [{s['note']}]"
+        print(line)

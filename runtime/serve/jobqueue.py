@@ -1,128 +1,60 @@
 """The persistent job queue: SQLite (WAL, synchronous=FULL) in the spool directory.
 
 Three tables: ``instances`` (one row per received SOP instance), ``studies`` (arrival times per
-StudyInstanceUID, for the idle timer) and ``jobs`` (at most one per study). A job moves
+StudyInstanceUID, for the idle timer and the inputs' changes) and ``jobs`` (one row per segmentation of a study: a
+study's first job is version 1, a study whose inputs change later gets version 2, ...). A job moves
 ``queued → running → sending → done``; any state but ``done`` may go to ``failed`` with a reason. ``queued``,
-``running`` and ``sending`` are resumed after a restart; a ``done`` job is never selected again, so a study is
-segmented and sent at most once by the queue (the SEG's deterministic SOPInstanceUID covers the window between
-the destination's confirmation and the commit of ``done``).
+``running`` and ``sending`` are resumed after a restart; a ``done`` job is never selected again.
 
-All methods are safe to call from several threads (one connection behind a lock).
+When a study is ready (:meth:`JobQueue.enqueue_ready_studies`): idle for ``idle_seconds`` and holding an instance
+of every input modality the model requires. A study missing one waits up to ``max_wait_seconds`` after its last
+instance, then gets a failed job ("PET never arrived"). An instance of an input modality that arrives after a
+study's job (a late PET, a completed or new series) marks the study's inputs changed: once that job is finished and
+the study idle again, a new version is queued. Anything else after a job (the study's own SEG coming back, a
+resend of an instance already held) is recorded and changes nothing.
+
+All methods are safe to call from several threads (one connection behind a lock), and several processes may open
+the same queue (``diffseg serve requeue`` while the node runs).
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-__all__ = ["JOB_STATES", "RESUMABLE_STATES", "Job", "JobQueue"]
+from .jobs import ARRIVALS, DEFAULT_INPUT_MODALITIES, JOB_STATES, RESUMABLE_STATES, Job, StudyWait, modality_names
+from .queue_schema import create_schema
+from .study_records import StudyRecords
 
-JOB_STATES = ("queued", "running", "sending", "done", "failed")
-RESUMABLE_STATES = ("queued", "running", "sending")
-SCHEMA_VERSION = "1"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    series_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    modality TEXT,
-    path TEXT NOT NULL,
-    calling_aet TEXT,
-    received_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid);
-CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY,
-    first_received REAL NOT NULL,
-    last_received REAL NOT NULL,
-    instances INTEGER NOT NULL DEFAULT 0,
-    late_instances INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_uid TEXT NOT NULL UNIQUE REFERENCES studies (study_uid),
-    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'sending', 'done', 'failed')),
-    reason TEXT,
-    runs INTEGER NOT NULL DEFAULT 0,
-    send_attempts INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    instances INTEGER,
-    model_version TEXT,
-    seg_path TEXT,
-    seg_sop_instance_uid TEXT,
-    seg_series_instance_uid TEXT,
-    sent_to TEXT,
-    sent_status INTEGER,
-    sent_at REAL
-);
-"""
+__all__ = [
+    "ARRIVALS",
+    "DEFAULT_INPUT_MODALITIES",
+    "JOB_STATES",
+    "RESUMABLE_STATES",
+    "Job",
+    "JobQueue",
+    "StudyWait",
+    "modality_names",
+]
 
 
-@dataclass(frozen=True)
-class Job:
-    """One row of the ``jobs`` table (times are Unix seconds).
-
-    Attributes:
-        id: job number.
-        study_uid: the study it segments.
-        state: one of ``JOB_STATES``.
-        reason: why it failed, or the last send error while it retries.
-        runs: times segmentation started.
-        send_attempts: failed C-STOREs so far.
-        instances: instances of the study when segmentation started.
-        model_version: model identity that the SEG UIDs derive from.
-        seg_path: the SEG file (relative to the spool) once written.
-        seg_sop_instance_uid: SOPInstanceUID of the SEG.
-        seg_series_instance_uid: SeriesInstanceUID of the SEG.
-        sent_to: destination that confirmed the SEG.
-        sent_status: the DIMSE status it answered.
-    """
-
-    id: int
-    study_uid: str
-    state: str
-    reason: str | None
-    runs: int
-    send_attempts: int
-    created_at: float
-    updated_at: float
-    started_at: float | None
-    finished_at: float | None
-    next_attempt_at: float
-    instances: int | None
-    model_version: str | None
-    seg_path: str | None
-    seg_sop_instance_uid: str | None
-    seg_series_instance_uid: str | None
-    sent_to: str | None
-    sent_status: int | None
-    sent_at: float | None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The job as a JSON-ready dict."""
-        return dict(self.__dict__)
-
-
-class JobQueue:
+class JobQueue(StudyRecords):
     """The queue of one spool directory.
 
     Args:
-        db_path: the SQLite file (created with its schema if missing).
+        db_path: the SQLite file (created with its schema if missing; a version-1 queue is upgraded in place).
+        input_modalities: the modalities the model needs (``manifest.modalities``); stored in the queue so that
+            another process (status, requeue) knows them. None: as stored, else ``DEFAULT_INPUT_MODALITIES``.
         timeout: seconds to wait for a lock held by another connection.
     """
 
-    def __init__(self, db_path: str | Path, timeout: float = 30.0) -> None:
+    def __init__(
+        self, db_path: str | Path, input_modalities: Iterable[str] | None = None, timeout: float = 30.0
+    ) -> None:
         self.db_path = Path(db_path)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.db_path, timeout=timeout, isolation_level=None, check_same_thread=False)
@@ -133,17 +65,35 @@ class JobQueue:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._create_schema()
+        self.input_modalities = self._input_modalities(input_modalities)
 
     def _create_schema(self) -> None:
-        with self._lock:
-            self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            elif row[0] != SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"job queue {self.db_path} has schema version {row[0]}, this diffseg reads {SCHEMA_VERSION}"
+        with self._tx() as db:
+            create_schema(db, str(self.db_path))
+
+    def _input_modalities(self, given: Iterable[str] | None) -> tuple[str, ...]:
+        with self._tx() as db:
+            if given is not None:
+                codes = tuple(given)
+                if not codes or any(not isinstance(c, str) or not c for c in codes):
+                    raise ValueError(f"input_modalities must be non-empty modality codes, got {codes!r}")
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('input_modalities', ?)", (",".join(codes),)
                 )
+                return codes
+            row = db.execute("SELECT value FROM meta WHERE key='input_modalities'").fetchone()
+        return tuple(row[0].split(",")) if row else DEFAULT_INPUT_MODALITIES
+
+    def meta(self, key: str) -> str | None:
+        """A value the node stored in the queue (``set_meta``), or None."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store a value for other processes that open the queue (the node's timing for ``--status``)."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def close(self) -> None:
         """Close the connection."""
@@ -177,86 +127,6 @@ class JobQueue:
     def _tx(self) -> JobQueue._Tx:
         return JobQueue._Tx(self)
 
-    # -- receiving -------------------------------------------------------------------------------------------
-
-    def record_instance(
-        self,
-        *,
-        study_uid: str,
-        series_uid: str,
-        sop_instance_uid: str,
-        sop_class_uid: str,
-        modality: str | None,
-        path: str,
-        calling_aet: str | None,
-        now: float | None = None,
-    ) -> bool:
-        """Record a received instance and restart its study's idle timer.
-
-        Returns:
-            True if the instance is new and arrived after its study's job had started (a late instance:
-            kept in the spool, counted, not segmented).
-        """
-        now = time.time() if now is None else now
-        with self._tx() as db:
-            new = db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)).fetchone() is None
-            db.execute(
-                "INSERT OR REPLACE INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid,"
-                " modality, path, calling_aet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (sop_instance_uid, study_uid, series_uid, sop_class_uid, modality, path, calling_aet, now),
-            )
-            db.execute(
-                "INSERT INTO studies (study_uid, first_received, last_received) VALUES (?, ?, ?)"
-                " ON CONFLICT (study_uid) DO UPDATE SET last_received=excluded.last_received",
-                (study_uid, now, now),
-            )
-            db.execute(
-                "UPDATE studies SET instances=(SELECT COUNT(*) FROM instances WHERE study_uid=?) WHERE study_uid=?",
-                (study_uid, study_uid),
-            )
-            job = db.execute("SELECT state FROM jobs WHERE study_uid=?", (study_uid,)).fetchone()
-            late = new and job is not None and job["state"] != "queued"
-            if late:
-                db.execute("UPDATE studies SET late_instances=late_instances+1 WHERE study_uid=?", (study_uid,))
-        return late
-
-    def known_instances(self) -> set[str]:
-        """Paths (relative to the spool) of every recorded instance."""
-        with self._lock:
-            return {row[0] for row in self._db.execute("SELECT path FROM instances")}
-
-    def restart_idle_timers(self, now: float | None = None) -> int:
-        """Give every study still receiving (no job yet) a fresh idle period; return how many.
-
-        Called at start-up so that a study whose transfer was cut by a crash is not taken as complete before
-        the sender had a chance to send the rest.
-        """
-        now = time.time() if now is None else now
-        with self._tx() as db:
-            cur = db.execute(
-                "UPDATE studies SET last_received=? WHERE study_uid NOT IN (SELECT study_uid FROM jobs)",
-                (now,),
-            )
-            return cur.rowcount
-
-    def enqueue_idle_studies(self, idle_seconds: float, now: float | None = None) -> list[Job]:
-        """Queue a job for every study idle for ``idle_seconds`` that has none yet; return the new jobs."""
-        now = time.time() if now is None else now
-        with self._tx() as db:
-            rows = db.execute(
-                "SELECT study_uid, instances FROM studies WHERE last_received <= ?"
-                " AND study_uid NOT IN (SELECT study_uid FROM jobs) ORDER BY first_received",
-                (now - idle_seconds,),
-            ).fetchall()
-            for row in rows:
-                db.execute(
-                    "INSERT INTO jobs (study_uid, state, created_at, updated_at, instances)"
-                    " VALUES (?, 'queued', ?, ?, ?)",
-                    (row["study_uid"], now, now, row["instances"]),
-                )
-            uids = [row["study_uid"] for row in rows]
-        return [self.job_for_study(uid) for uid in uids]  # type: ignore[misc]
-
     # -- the worker's side -----------------------------------------------------------------------------------
 
     def next_job(self, now: float | None = None) -> Job | None:
@@ -268,7 +138,7 @@ class JobQueue:
                 " ORDER BY id LIMIT 1",
                 (now,),
             ).fetchone()
-        return None if row is None else Job(**dict(row))
+        return None if row is None else Job.from_row(row)
 
     def next_wakeup(self) -> float | None:
         """The earliest ``next_attempt_at`` of a resumable job, or None if there is none."""
@@ -292,34 +162,53 @@ class JobQueue:
                 raise RuntimeError(f"job {job_id}: expected state in {allowed}, found {got}")
         return self.job(job_id)
 
-    def start_run(self, job_id: int, instances: int) -> Job:
-        """``queued``/``running`` → ``running``; counts the run."""
+    def start_run(self, job_id: int) -> Job:
+        """``queued``/``running`` → ``running``; counts the run and notes the inputs it covers."""
+        with self._lock:
+            study = self._db.execute(
+                "SELECT s.instances, s.inputs_changed_at FROM studies s JOIN jobs j ON j.study_uid = s.study_uid"
+                " WHERE j.id=?",
+                (job_id,),
+            ).fetchone()
         return self._transition(
             job_id,
             ("queued", "running"),
-            "state='running', runs=runs+1, started_at=?, instances=?, reason=NULL",
-            (time.time(), instances),
+            "state='running', runs=runs+1, started_at=?, instances=?, inputs_as_of=?, reason=NULL",
+            (time.time(), study["instances"], study["inputs_changed_at"]),
         )
 
+    def previous_done(self, job: Job) -> Job | None:
+        """The study's latest ``done`` job before ``job`` (the one it supersedes), or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM jobs WHERE study_uid=? AND state='done' AND id<? ORDER BY id DESC LIMIT 1",
+                (job.study_uid, job.id),
+            ).fetchone()
+        return None if row is None else Job.from_row(row)
+
     def set_sending(
-        self,
-        job_id: int,
-        *,
-        seg_path: str,
-        sop_instance_uid: str,
-        series_instance_uid: str,
-        model_version: str,
+        self, job_id: int, *, outputs: dict[str, dict[str, str]], input_key: str, model_version: str
     ) -> Job:
-        """``running`` → ``sending`` once the SEG file is written."""
+        """``running`` → ``sending`` once every output file is written."""
         return self._transition(
             job_id,
             ("running",),
-            "state='sending', seg_path=?, seg_sop_instance_uid=?, seg_series_instance_uid=?, model_version=?",
-            (seg_path, sop_instance_uid, series_instance_uid, model_version),
+            "state='sending', outputs=?, input_key=?, model_version=?",
+            (json.dumps(outputs, sort_keys=True), input_key, model_version),
+        )
+
+    def mark_unchanged(self, job_id: int, *, input_key: str, model_version: str, same_as: int) -> Job:
+        """``running`` → ``done`` without sending: the series read are those of job ``same_as``, already sent."""
+        now = time.time()
+        return self._transition(
+            job_id,
+            ("running",),
+            "state='done', input_key=?, model_version=?, reason=?, finished_at=?",
+            (input_key, model_version, f"inputs unchanged since job {same_as}: nothing new to send", now),
         )
 
     def send_failed(self, job_id: int, reason: str, next_attempt_at: float) -> Job:
-        """Count a failed C-STORE and schedule the next try (stays ``sending``)."""
+        """Count a failed C-STORE round and schedule the next try (stays ``sending``)."""
         return self._transition(
             job_id,
             ("sending",),
@@ -328,7 +217,7 @@ class JobQueue:
         )
 
     def mark_done(self, job_id: int, *, sent_to: str, sent_status: int) -> Job:
-        """``sending`` → ``done``: the destination confirmed the SEG."""
+        """``sending`` → ``done``: the destination confirmed every output."""
         now = time.time()
         return self._transition(
             job_id,
@@ -355,36 +244,22 @@ class JobQueue:
             row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         if row is None:
             raise KeyError(f"no job {job_id} in {self.db_path}")
-        return Job(**dict(row))
+        return Job.from_row(row)
 
     def job_for_study(self, study_uid: str) -> Job | None:
-        """The job of a study, or None."""
+        """The latest job of a study, or None."""
         with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE study_uid=?", (study_uid,)).fetchone()
-        return None if row is None else Job(**dict(row))
+            row = self._db.execute(
+                "SELECT * FROM jobs WHERE study_uid=? ORDER BY id DESC LIMIT 1", (study_uid,)
+            ).fetchone()
+        return None if row is None else Job.from_row(row)
 
-    def jobs(self, states: tuple[str, ...] = JOB_STATES) -> list[Job]:
-        """Jobs in the given states, oldest first."""
+    def jobs(self, states: tuple[str, ...] = JOB_STATES, study_uid: str | None = None) -> list[Job]:
+        """Jobs in the given states (of one study, if given), oldest first."""
         marks = ", ".join("?" * len(states))
+        where, params = f"state IN ({marks})", list(states)
+        if study_uid is not None:
+            where, params = where + " AND study_uid=?", [*params, study_uid]
         with self._lock:
-            rows = self._db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", states).fetchall()
-        return [Job(**dict(row)) for row in rows]
-
-    def study_instances(self, study_uid: str) -> int:
-        """Instances recorded for a study."""
-        with self._lock:
-            row = self._db.execute("SELECT instances FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
-        return 0 if row is None else int(row[0])
-
-    def summary(self) -> dict[str, Any]:
-        """Counts: studies still receiving, jobs per state, instances, late instances."""
-        with self._lock:
-            counts = dict.fromkeys(JOB_STATES, 0)
-            for state, n in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
-                counts[state] = n
-            receiving = self._db.execute(
-                "SELECT COUNT(*) FROM studies WHERE study_uid NOT IN (SELECT study_uid FROM jobs)"
-            ).fetchone()[0]
-            instances = self._db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
-            late = self._db.execute("SELECT COALESCE(SUM(late_instances), 0) FROM studies").fetchone()[0]
-        return {"receiving": receiving, **counts, "instances": instances, "late_instances": late}
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE {where} ORDER BY id", params).fetchall()
+        return [Job.from_row(row) for row in rows]

@@ -1,4 +1,4 @@
-"""The node: spool, queue, Storage SCP, the idle watcher that closes studies and the worker, together.
+"""The node: spool, queue, Storage SCP, the watcher that queues ready studies and purges old ones, and the worker.
 
 Start-up order makes the guarantees hold after a crash: take the spool's lock, delete half-written temporary
 files, record instance files that reached the spool but not the queue, give studies still receiving a fresh
@@ -7,6 +7,7 @@ idle period, load the model, then listen and resume every ``queued``, ``running`
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -21,9 +22,23 @@ from .scp import StorageSCP
 from .spool import Spool, check_uid
 from .worker import Worker
 
-__all__ = ["Node", "recover_spool"]
+__all__ = ["Node", "input_modalities", "recover_spool"]
 
 logger = logging.getLogger("diffseg")
+
+
+def input_modalities(model: str) -> tuple[str, ...]:
+    """The modalities a model package needs (its manifest's, read without loading an engine).
+
+    Raises:
+        RuntimeError: the package cannot be found or its manifest read.
+    """
+    from diffseg.runtime.manifest import load_package
+
+    try:
+        return tuple(load_package(model, verify=False).manifest.modalities)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"model {model!r}: its manifest cannot be read: {exc}") from exc
 
 
 def recover_spool(spool: Spool, queue: JobQueue) -> dict[str, int]:
@@ -51,6 +66,7 @@ def recover_spool(spool: Spool, queue: JobQueue) -> dict[str, int]:
             if spool.instance_path(study, sop) != path:
                 raise ValueError("file name does not match the hash of its UIDs")
             queue.record_instance(
+                size_bytes=path.stat().st_size,
                 study_uid=study,
                 series_uid=check_uid("SeriesInstanceUID", str(ds.SeriesInstanceUID)),
                 sop_instance_uid=sop,
@@ -115,8 +131,10 @@ class Node:
         self.spool.create()
         self.spool.lock()
         try:
-            self.queue = JobQueue(self.spool.db_path)
+            self.queue = JobQueue(self.spool.db_path, input_modalities=input_modalities(self.options.model))
             recover_spool(self.spool, self.queue)
+            timing = {"idle_seconds": self.options.idle_seconds, "max_wait_seconds": self.options.max_wait_seconds}
+            self.queue.set_meta("timing", json.dumps(timing))
             resumable = self.queue.jobs(("queued", "running", "sending"))
             if resumable:
                 logger.info(
@@ -146,20 +164,38 @@ class Node:
         interval = min(0.5, max(0.05, self.options.idle_seconds / 4))
         while not self._stop.wait(interval):
             try:
-                for job in self.queue.enqueue_idle_studies(self.options.idle_seconds):
-                    logger.info(
-                        "study complete after %.1f s idle: job %d queued",
-                        self.options.idle_seconds,
-                        job.id,
-                        extra={
-                            "event": "job_queued",
-                            "job": job.id,
-                            "study_uid": job.study_uid,
-                            "instances": job.instances,
-                        },
-                    )
+                self._queue_ready_studies()
+                self._purge_old_studies()
             except Exception:
-                logger.exception("idle watcher: job queue write failed", extra={"event": "queue_error"})
+                logger.exception("watcher: job queue or spool update failed", extra={"event": "queue_error"})
+
+    def _queue_ready_studies(self) -> None:
+        assert self.queue is not None
+        o = self.options
+        for job in self.queue.enqueue_ready_studies(o.idle_seconds, o.max_wait_seconds):
+            fields = {"job": job.id, "study_uid": job.study_uid, "version": job.version, "instances": job.instances}
+            if job.state == "failed":
+                logger.error("job %d failed: %s", job.id, job.reason, extra={"event": "job_failed", **fields})
+            else:
+                logger.info(
+                    "study ready after %.1f s idle: job %d (version %d) queued",
+                    o.idle_seconds,
+                    job.id,
+                    job.version,
+                    extra={"event": "job_queued", "supersedes": job.supersedes, **fields},
+                )
+
+    def _purge_old_studies(self) -> None:
+        assert self.queue is not None
+        for study_uid in self.queue.studies_to_purge(self.options.keep_done_days, self.options.keep_failed_days):
+            with self.spool.incoming_lock:
+                freed = self.spool.purge_study(study_uid)
+                self.queue.mark_purged(study_uid)
+            logger.info(
+                "study purged from the spool (%d bytes)",
+                freed,
+                extra={"event": "study_purged", "study_uid": study_uid, "bytes": freed},
+            )
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop listening, let open associations and the current job step finish for up to ``grace`` s each.

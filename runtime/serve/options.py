@@ -29,6 +29,8 @@ from pathlib import Path
 
 __all__ = ["Destination", "ServeOptions", "check_ae_title", "load_config"]
 
+_DESTINATION_KEYS = ("ae_title", "host", "port", "outputs")
+
 # PS3.5 6.2: AE titles are at most 16 characters of the default repertoire, no backslash or control
 # characters; leading and trailing spaces are not significant, so a title of spaces only is empty.
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
@@ -65,25 +67,54 @@ def _check_positive(name: str, value: object, allow_zero: bool = False) -> float
     return float(value)
 
 
+def _check_outputs(value: object, name: str = "dicom_outputs") -> tuple[str, ...]:
+    from ..outputs import DICOM_OUTPUTS
+
+    if isinstance(value, str) or not isinstance(value, list | tuple) or not value:
+        raise ValueError(f"{name} must be a non-empty list of {list(DICOM_OUTPUTS)}, got {value!r}")
+    bad = [v for v in value if v not in DICOM_OUTPUTS]
+    if bad or len(set(value)) != len(value):
+        raise ValueError(f"{name} must hold distinct names of {list(DICOM_OUTPUTS)}, got {list(value)!r}")
+    return tuple(value)
+
+
+def _check_file_mode(value: object) -> int | None:
+    """``file_mode`` as an int: TOML's ``0o640``, or a string of octal digits (JSON has no octal numbers)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and re.fullmatch(r"0?o?[0-7]{3,4}", value):
+        value = int(value.replace("o", ""), 8)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777 or not value & 0o600 == 0o600:
+        raise ValueError(
+            f"file_mode must be permission bits that let the node read and write its files (0o600 to 0o777, "
+            f'as 0o640 in TOML or "0640" in JSON), got {value!r}'
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class Destination:
-    """Where the node sends its DICOM SEG (a PACS's Storage SCP).
+    """Where the node sends its outputs (a PACS's or a planning system's Storage SCP).
 
     Attributes:
         ae_title: the called AE title of the destination.
         host: its host name or IP address.
         port: its DICOM port.
+        outputs: the output kinds it gets (``seg``, ``rtstruct``...); empty: every one the node writes.
     """
 
     ae_title: str
     host: str
     port: int
+    outputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ae_title", check_ae_title("destination.ae_title", self.ae_title))
         if not isinstance(self.host, str) or not self.host.strip():
             raise ValueError(f"destination.host must be a non-empty host name or address, got {self.host!r}")
         _check_port("destination.port", self.port)
+        if self.outputs:
+            object.__setattr__(self, "outputs", _check_outputs(self.outputs, "destination.outputs"))
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -91,13 +122,14 @@ class Destination:
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """Everything the node needs; see the module docstring for the file format.
+    """Everything the node needs; see the module docstring for the file format (MB is 2^20 bytes in every ``*_mb``).
 
     Attributes:
         ae_title: the node's own AE title (also the calling AE title of its C-STOREs).
         port: the DICOM port the node listens on.
         allowed_calling_aets: calling AE titles whose associations are accepted; all others are rejected.
-        destination: where the SEG goes.
+        destination: where the outputs go: one destination, or several (``[[destination]]`` tables in TOML, a
+            list in JSON), each with the ``outputs`` it gets.
         spool_dir: received instances, results, the job queue and the log.
         bind: address to listen on (``0.0.0.0`` for every interface).
         idle_seconds: a study is complete when no instance of it arrived for this long.
@@ -109,12 +141,27 @@ class ServeOptions:
         max_runs: times a job may start segmenting (a crash mid-run counts) before it fails.
         network_timeout: seconds for association, DIMSE and socket timeouts of the node's own C-STOREs.
         maximum_associations: concurrent incoming associations.
+        max_wait_seconds: a study that lacks an input the model requires (the PET of a PET/CT model) waits this
+            long after its last instance, then fails ("PET never arrived").
+        dicom_outputs: what the node writes and sends for each study (``seg``, ``rtstruct``, ``labelmap``,
+            ``fractional``).
+        keep_done_days: a study's received instances and results stay in the spool this long after it was sent
+            (a late series within that time is segmented again); 0 purges them at once.
+        keep_failed_days: the same for a study whose job failed (kept for a look or a requeue).
+        max_instance_mb: a larger instance is refused (``0xA700``).
+        max_study_mb: an instance that would take its study beyond this is refused (``0xA700``).
+        min_free_disk_mb: below this much free space on the spool's disk every C-STORE is refused (``0xA700``)
+            instead of filling the disk.
+        log_max_mb: ``serve.log`` is rotated at this size.
+        log_backups: rotated logs kept (``serve.log.1`` ...).
+        file_mode: permission bits of every file the node writes (``0o640``; in JSON the string ``"0640"``);
+            None: 0o666 less the umask.
     """
 
     ae_title: str
     port: int
     allowed_calling_aets: tuple[str, ...]
-    destination: Destination
+    destination: Destination | tuple[Destination, ...]
     spool_dir: Path
     bind: str = "127.0.0.1"
     idle_seconds: float = 30.0
@@ -126,6 +173,21 @@ class ServeOptions:
     max_runs: int = 3
     network_timeout: float = 30.0
     maximum_associations: int = 10
+    max_wait_seconds: float = 3600.0
+    dicom_outputs: tuple[str, ...] = ("seg", "rtstruct")
+    keep_done_days: float = 1.0
+    keep_failed_days: float = 30.0
+    max_instance_mb: float = 2048.0
+    max_study_mb: float = 32768.0
+    min_free_disk_mb: float = 2048.0
+    log_max_mb: float = 100.0
+    log_backups: int = 5
+    file_mode: int | None = None
+
+    @property
+    def destinations(self) -> tuple[Destination, ...]:
+        """Every destination (``destination`` is one, or a list from ``[[destination]]`` tables)."""
+        return (self.destination,) if isinstance(self.destination, Destination) else tuple(self.destination)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ae_title", check_ae_title("ae_title", self.ae_title))
@@ -138,14 +200,25 @@ class ServeOptions:
             "allowed_calling_aets",
             tuple(check_ae_title(f"allowed_calling_aets[{i}]", a) for i, a in enumerate(aets)),
         )
-        if not isinstance(self.destination, Destination):
-            raise TypeError(f"destination must be a Destination, got {type(self.destination).__name__}")
+        dests = (self.destination,) if isinstance(self.destination, Destination) else self.destination
+        if not isinstance(dests, list | tuple) or not dests or not all(isinstance(d, Destination) for d in dests):
+            raise TypeError(f"destination must be a Destination or a non-empty list of them, got {self.destination!r}")
         object.__setattr__(self, "spool_dir", Path(self.spool_dir))
         _check_positive("idle_seconds", self.idle_seconds, allow_zero=True)
         _check_positive("retry_base_seconds", self.retry_base_seconds)
         _check_positive("retry_max_seconds", self.retry_max_seconds)
         _check_positive("network_timeout", self.network_timeout)
-        for name in ("max_send_attempts", "max_runs", "maximum_associations"):
+        for name in ("max_wait_seconds", "max_instance_mb", "max_study_mb"):
+            _check_positive(name, getattr(self, name))
+        for name in ("keep_done_days", "keep_failed_days", "min_free_disk_mb", "log_max_mb"):
+            _check_positive(name, getattr(self, name), allow_zero=True)
+        object.__setattr__(self, "dicom_outputs", _check_outputs(self.dicom_outputs))
+        for d in dests:
+            extra = [k for k in d.outputs if k not in self.dicom_outputs]
+            if extra:
+                raise ValueError(f"destination {d} asks for {extra}, not in dicom_outputs {list(self.dicom_outputs)}")
+        object.__setattr__(self, "file_mode", _check_file_mode(self.file_mode))
+        for name in ("max_send_attempts", "max_runs", "maximum_associations", "log_backups"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -191,17 +264,26 @@ def load_config(path: str | Path) -> ServeOptions:
     )
     if missing:
         raise ValueError(f"serve config {path}: missing required key(s) {missing}")
-    dest = raw["destination"]
-    if not isinstance(dest, dict) or sorted(dest) != ["ae_title", "host", "port"]:
-        raise ValueError(
-            f"serve config {path}: destination must have exactly the keys ae_title, host, port, got {dest!r}"
-        )
+    dests = raw["destination"]
+    for dest in dests if isinstance(dests, list) else [dests]:
+        if not isinstance(dest, dict) or not {"ae_title", "host", "port"} <= set(dest) <= {*_DESTINATION_KEYS}:
+            raise ValueError(
+                f"serve config {path}: destination must have the keys ae_title, host, port (and optionally "
+                f"outputs), got {dest!r}"
+            )
     values = dict(raw)
-    values["destination"] = Destination(**dest)
+    try:
+        if isinstance(dests, list):
+            values["destination"] = tuple(Destination(**{**d, "outputs": tuple(d.get("outputs", ()))}) for d in dests)
+        else:
+            values["destination"] = Destination(**{**dests, "outputs": tuple(dests.get("outputs", ()))})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"serve config {path}: {exc}") from exc
     spool = Path(raw["spool_dir"]).expanduser()
     values["spool_dir"] = spool if spool.is_absolute() else (path.parent / spool).resolve()
-    if isinstance(values["allowed_calling_aets"], list):
-        values["allowed_calling_aets"] = tuple(values["allowed_calling_aets"])
+    for key in ("allowed_calling_aets", "dicom_outputs"):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
     try:
         return ServeOptions(**values)
     except (TypeError, ValueError) as exc:

@@ -1,4 +1,4 @@
-"""The node's C-STORE SCU: sends one file to the destination and says whether the destination confirmed it."""
+"""The node's C-STORE SCU: sends a job's files to the destination and says whether the destination confirmed them."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pynetdicom.sop_class import Verification
 from .options import Destination
 from .scp import set_tcp_nodelay
 
-__all__ = ["SUCCESS_STATUSES", "SendError", "SendResult", "echo", "send_file"]
+__all__ = ["SUCCESS_STATUSES", "SendError", "SendResult", "echo", "send_file", "send_files"]
 
 logger = logging.getLogger("diffseg")
 
@@ -58,40 +58,59 @@ def _make_ae(calling_aet: str, timeout: float) -> AE:
 
 
 def send_file(path: str | Path, destination: Destination, calling_aet: str, timeout: float = 30.0) -> SendResult:
-    """C-STORE one DICOM file to ``destination`` in one association.
+    """C-STORE one DICOM file to ``destination``; see :func:`send_files`."""
+    return send_files([path], destination, calling_aet, timeout)
+
+
+def send_files(
+    paths: list[str | Path], destination: Destination, calling_aet: str, timeout: float = 30.0
+) -> SendResult:
+    """C-STORE DICOM files to ``destination`` in one association; every one must be confirmed.
 
     Args:
-        path: the file (DICOM file format, with file meta).
+        paths: the files (DICOM file format, with file meta), sent in this order.
         destination: the Storage SCP.
         calling_aet: our AE title.
         timeout: ACSE, DIMSE and network timeout in seconds.
 
     Returns:
-        The confirmed status and the time taken.
+        The last confirmed status and the time taken.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        SendError: not reached, association refused, no answer, or a failure status (named in the message).
+        FileNotFoundError: a file does not exist.
+        ValueError: no files.
+        SendError: not reached, association refused, a presentation context not accepted, no answer, or a failure
+            status (the file and status named in the message).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"file to send {path} does not exist")
-    ds = pydicom.dcmread(path)
+    if not paths:
+        raise ValueError("send_files needs at least one file")
+    files = [Path(p) for p in paths]
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"file to send {path} does not exist")
+    datasets = [pydicom.dcmread(path) for path in files]
     start = time.perf_counter()
     ae = _make_ae(calling_aet, timeout)
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    for context in {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}:
+        ae.add_requested_context(*context)
     assoc = _associate(ae, destination)
+    status = 0
     try:
-        rsp = assoc.send_c_store(ds)
+        for path, ds in zip(files, datasets, strict=True):
+            try:
+                rsp = assoc.send_c_store(ds)
+            except ValueError as exc:  # pynetdicom: no accepted presentation context for this SOP class
+                raise SendError(f"{destination} did not accept {path.name}: {exc}") from None
+            got = getattr(rsp, "Status", None)
+            if got is None:
+                raise SendError(f"no C-STORE response from {destination} for {path.name} (timeout or abort)")
+            if int(got) not in SUCCESS_STATUSES:
+                raise SendError(f"{destination} answered C-STORE status 0x{int(got):04X} for {path.name}")
+            status = int(got)
     finally:
         if assoc.is_established:
             assoc.release()
-    status = getattr(rsp, "Status", None)
-    if status is None:
-        raise SendError(f"no C-STORE response from {destination} (timeout or abort)")
-    if int(status) not in SUCCESS_STATUSES:
-        raise SendError(f"{destination} answered C-STORE status 0x{int(status):04X}")
-    return SendResult(status=int(status), seconds=time.perf_counter() - start)
+    return SendResult(status=status, seconds=time.perf_counter() - start)
 
 
 def echo(destination: Destination, calling_aet: str, timeout: float = 10.0) -> int:

@@ -3,7 +3,8 @@
 Layout (no path is built from a DICOM value; every name is a hash of a UID checked against the grammar)::
 
     SPOOL/incoming/<study key>/<instance key>.dcm   received instances, as sent (DICOM file format)
-    SPOOL/results/<study key>.seg.dcm               the SEG of a study, written before it is sent
+    SPOOL/results/<study key>/v<version>/seg.dcm    a job's outputs (seg.dcm, rtstruct.dcm...), written before
+                                                    they are sent
     SPOOL/queue.sqlite                              the job queue (see jobqueue.py)
     SPOOL/serve.log                                 structured log, one JSON object per line
     SPOOL/serve.lock                                held (flock) by the running node
@@ -18,6 +19,8 @@ import fcntl
 import hashlib
 import os
 import re
+import shutil
+import threading
 from pathlib import Path
 
 from ..atomic import fsync_dir, write_bytes_atomic
@@ -65,7 +68,7 @@ def uid_key(uid: str) -> str:
     return hashlib.sha256(check_uid("uid", uid).encode("ascii")).hexdigest()[:32]
 
 
-def write_durable(path: Path, data: bytes) -> Path:
+def write_durable(path: Path, data: bytes, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` atomically and durably, with the one writer (``atomic.write_bytes_atomic``).
 
     Temporary file ``.<name>.<random>.tmp`` beside it (the umask applies), fsync, check of the size on disk (the
@@ -76,6 +79,7 @@ def write_durable(path: Path, data: bytes) -> Path:
     Args:
         path: the target file.
         data: its whole content.
+        mode: the file's permission bits (the node's ``file_mode``); None: 0o666 less the umask.
 
     Returns:
         ``path``.
@@ -83,7 +87,7 @@ def write_durable(path: Path, data: bytes) -> Path:
     Raises:
         OSError: the write failed (``errno.ENOSPC`` when the disk is full); the message names ``path``.
     """
-    return write_bytes_atomic(path, data, format_check=False)
+    return write_bytes_atomic(path, data, mode=mode, format_check=False)
 
 
 class SpoolLockedError(RuntimeError):
@@ -105,6 +109,9 @@ class Spool:
         self.log_path = self.root / "serve.log"
         self.lock_path = self.root / "serve.lock"
         self._lock_fd: int | None = None
+        # Held by the SCP around "write an instance, record it" and by the purge around "delete a study": a
+        # study is never deleted between an instance's write and its record.
+        self.incoming_lock = threading.Lock()
 
     def create(self) -> Spool:
         """Create the folders (durably) and return ``self``.
@@ -152,9 +159,22 @@ class Spool:
         """File of one received instance."""
         return self.study_dir(study_uid) / f"{uid_key(sop_instance_uid)}.dcm"
 
-    def result_path(self, study_uid: str) -> Path:
-        """File of a study's SEG."""
-        return self.results / f"{uid_key(study_uid)}.seg.dcm"
+    def result_dir(self, study_uid: str, version: int) -> Path:
+        """Folder of the outputs of one version (job) of a study."""
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"version must be an integer >= 1, got {version!r}")
+        return self.results / uid_key(study_uid) / f"v{version}"
+
+    def purge_study(self, study_uid: str) -> int:
+        """Delete a study's received instances and outputs (the caller holds ``incoming_lock``); return the bytes
+        freed."""
+        freed = 0
+        for folder in (self.study_dir(study_uid), self.results / uid_key(study_uid)):
+            if folder.is_dir():
+                freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+                shutil.rmtree(folder)
+                fsync_dir(folder.parent)
+        return freed
 
     def remove_partial_writes(self) -> int:
         """Delete temporary files left by a crash in the middle of a write; return how many."""

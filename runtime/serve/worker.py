@@ -1,8 +1,9 @@
-"""The worker thread: takes jobs from the queue, segments, sends the SEG, retries with back-off.
+"""The worker thread: takes jobs from the queue, segments, sends the outputs, retries with back-off.
 
-One job at a time, in queue order. A job is marked ``done`` only after the destination confirmed the SEG; a
-send failure schedules the next try after ``backoff_seconds``; a job that cannot be segmented fails with the
-reason.
+One job at a time, in queue order. A job whose study reads as the same series as the study's last sent version
+is ``done`` without running the model or sending (a resend, a series that is not selected). A job is marked
+``done`` only after the destination confirmed every output; a send failure schedules the next try after
+``backoff_seconds``; a job that cannot be segmented fails with the reason.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 
 from .jobqueue import Job, JobQueue
 from .options import ServeOptions
-from .pipeline import SegPipeline, seg_uids
-from .sender import SendError, send_file
+from .pipeline import SegPipeline
+from .sender import SendError, send_files
 from .spool import Spool
 
 __all__ = ["Worker", "backoff_seconds"]
@@ -110,79 +111,105 @@ class Worker:
             return self._send(job)
         return job
 
-    def _segment(self, job: Job) -> Job:
+    def _fail(self, job: Job, reason: str, exc_info: bool = False) -> Job:
+        logger.error(
+            "job %d failed: %s",
+            job.id,
+            reason,
+            exc_info=exc_info,
+            extra={"event": "job_failed", "job": job.id, "study_uid": job.study_uid, "reason": reason},
+        )
+        return self.queue.mark_failed(job.id, reason)
+
+    def _start(self, job: Job) -> Job:
+        """Count a run (or fail a job that was interrupted too often); log it."""
         if job.runs >= self.options.max_runs:
             reason = f"segmentation started {job.runs} times without finishing (crash or kill during the run?)"
-            logger.error("job %d failed: %s", job.id, reason, extra={"event": "job_failed", "job": job.id})
-            return self.queue.mark_failed(job.id, reason)
+            return self._fail(job, reason)
         if self.pipeline is None:
-            reason = "no segmentation pipeline loaded in this node"
-            logger.error("job %d failed: %s", job.id, reason, extra={"event": "job_failed", "job": job.id})
-            return self.queue.mark_failed(job.id, reason)
-        instances = self.queue.study_instances(job.study_uid)
-        job = self.queue.start_run(job.id, instances)
-        resumed = job.runs > 1
+            return self._fail(job, "no segmentation pipeline loaded in this node")
+        job = self.queue.start_run(job.id)
         logger.info(
-            "job %d: segmenting study (%d instances)%s",
+            "job %d: segmenting study, version %d (%d instances)%s",
             job.id,
-            instances,
-            ", resumed after a restart" if resumed else "",
-            extra={"event": "job_running", "job": job.id, "study_uid": job.study_uid, "run": job.runs},
+            job.version,
+            job.instances or 0,
+            ", resumed after a restart" if job.runs > 1 else "",
+            extra={
+                "event": "job_running",
+                "job": job.id,
+                "study_uid": job.study_uid,
+                "version": job.version,
+                "run": job.runs,
+            },
         )
+        return job
+
+    def _segment(self, job: Job) -> Job:
+        job = self._start(job)
+        if job.state != "running" or self.pipeline is None:
+            return job
         model_version = self.pipeline.model_version
-        uids = seg_uids(job.study_uid, model_version)
-        out = self.spool.result_path(job.study_uid)
         start = time.perf_counter()
         try:
-            figures = self.pipeline.run(self.spool.study_dir(job.study_uid), out, uids)
+            study = self.pipeline.read(self.spool.study_dir(job.study_uid))
         except Exception as exc:
-            reason = f"segmentation failed: {type(exc).__name__}: {exc}"
-            logger.exception(
-                "job %d failed: %s",
-                job.id,
-                reason,
-                extra={"event": "job_failed", "job": job.id, "reason": reason},
-            )
-            return self.queue.mark_failed(job.id, reason)
+            return self._fail(job, f"study could not be read: {type(exc).__name__}: {exc}", exc_info=True)
+        previous = self.queue.previous_done(job)
+        same = previous is not None and (previous.input_key, previous.model_version) == (study.input_key, model_version)
+        if same and not job.requeued:
+            return self._unchanged(job, previous, study.input_key, model_version)  # type: ignore[arg-type]
+        out_dir = self.spool.result_dir(job.study_uid, job.version)
+        try:
+            kinds = self.options.dicom_outputs
+            outputs, figures = self.pipeline.segment(study, out_dir, job.study_uid, kinds, job.version)
+        except Exception as exc:
+            return self._fail(job, f"segmentation failed: {type(exc).__name__}: {exc}", exc_info=True)
+        for entry in outputs.values():
+            entry["path"] = str(Path(entry["path"]).relative_to(self.spool.root))
         logger.info(
-            "job %d: SEG written",
+            "job %d: outputs written",
             job.id,
             extra={
-                "event": "seg_written",
+                "event": "outputs_written",
                 "job": job.id,
+                "version": job.version,
+                "supersedes": previous.id if previous is not None else None,
                 "seconds": round(time.perf_counter() - start, 3),
-                "seg_sop_instance_uid": uids.sop_instance_uid,
+                "outputs": {k: v["sop_instance_uid"] for k, v in outputs.items()},
                 **figures,
             },
         )
-        return self.queue.set_sending(
+        return self.queue.set_sending(job.id, outputs=outputs, input_key=study.input_key, model_version=model_version)
+
+    def _unchanged(self, job: Job, previous: Job, input_key: str, model_version: str) -> Job:
+        logger.info(
+            "job %d: the series read are those of job %d, already sent; nothing new",
             job.id,
-            seg_path=str(out.relative_to(self.spool.root)),
-            sop_instance_uid=uids.sop_instance_uid,
-            series_instance_uid=uids.series_instance_uid,
-            model_version=model_version,
+            previous.id,
+            extra={"event": "job_unchanged", "job": job.id, "study_uid": job.study_uid, "same_as": previous.id},
         )
+        return self.queue.mark_unchanged(job.id, input_key=input_key, model_version=model_version, same_as=previous.id)
 
     def _send(self, job: Job) -> Job:
-        dest = self.options.destination
-        path = self.spool.root / Path(job.seg_path or "")
-        if not job.seg_path or not path.is_file():
-            reason = f"SEG file {path} is missing; cannot send"
-            logger.error("job %d failed: %s", job.id, reason, extra={"event": "job_failed", "job": job.id})
-            return self.queue.mark_failed(job.id, reason)
+        outputs = job.outputs or {}
+        missing = [e["path"] for e in outputs.values() if not (self.spool.root / e["path"]).is_file()]
+        if not outputs or missing:
+            return self._fail(job, f"output file(s) {missing or '(none recorded)'} missing; cannot send")
+        dest = ", ".join(str(d) for d in self.options.destinations)
+        status, seconds = 0, 0.0
         try:
-            result = send_file(path, dest, self.options.ae_title, self.options.network_timeout)
+            # every destination each round: a repeat send carries the same UIDs, so a PACS that has it keeps one
+            for destination in self.options.destinations:
+                kinds = destination.outputs or tuple(outputs)
+                paths = [self.spool.root / outputs[k]["path"] for k in kinds if k in outputs]
+                if paths:
+                    result = send_files(paths, destination, self.options.ae_title, self.options.network_timeout)
+                    status, seconds = result.status, seconds + result.seconds
         except (SendError, OSError) as exc:
             failures = job.send_attempts + 1
             if failures >= self.options.max_send_attempts:
-                reason = f"SEG not accepted by {dest} after {failures} attempts; last error: {exc}"
-                logger.error(
-                    "job %d failed: %s",
-                    job.id,
-                    reason,
-                    extra={"event": "job_failed", "job": job.id, "reason": reason},
-                )
-                return self.queue.mark_failed(job.id, reason)
+                return self._fail(job, f"outputs not accepted by {dest} after {failures} attempts; last error: {exc}")
             wait = backoff_seconds(failures, self.options.retry_base_seconds, self.options.retry_max_seconds)
             logger.warning(
                 "job %d: send failed (%s); try %d of %d in %.1f s",
@@ -200,18 +227,19 @@ class Worker:
                 },
             )
             return self.queue.send_failed(job.id, str(exc), time.time() + wait)
-        done = self.queue.mark_done(job.id, sent_to=str(dest), sent_status=result.status)
+        done = self.queue.mark_done(job.id, sent_to=dest, sent_status=status)
         logger.info(
-            "job %d done: SEG stored by %s",
+            "job %d done: outputs stored by %s",
             job.id,
             dest,
             extra={
                 "event": "job_done",
                 "job": job.id,
                 "study_uid": job.study_uid,
-                "seg_sop_instance_uid": job.seg_sop_instance_uid,
-                "status": f"0x{result.status:04X}",
-                "send_s": round(result.seconds, 3),
+                "version": job.version,
+                "outputs": {k: v["sop_instance_uid"] for k, v in (job.outputs or {}).items()},
+                "status": f"0x{status:04X}",
+                "send_s": round(seconds, 3),
             },
         )
         return done

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,7 @@ from dicom_net import (
 )
 from pydicom.uid import generate_uid
 
-from diffseg.runtime.serve import Destination, Node, ServeOptions, Spool, seg_uids
+from diffseg.runtime.serve import Destination, Node, ServeOptions, Spool, output_uids
 
 pytestmark = pytest.mark.dicom_net
 
@@ -41,13 +43,10 @@ if _REASON is not None:
 
 
 def _segmenter_unavailable() -> str | None:
-    from diffseg.runtime.serve.pipeline import load_segmenter_class
+    import importlib.util
 
-    try:
-        load_segmenter_class()
-        from diffseg.runtime.dicom import read_seg  # noqa: F401
-    except ImportError as exc:
-        return f"the Segmenter is not available in this build ({exc})"
+    if not any(importlib.util.find_spec(m) for m in ("onnxruntime", "openvino")):
+        return "no CPU engine (onnxruntime or openvino) is installed to run the model"
     return None
 
 
@@ -219,7 +218,9 @@ def test_damaged_uploads_get_a_failure_status_and_the_node_keeps_running(node: N
 def test_disk_full_fails_clearly_and_loses_nothing(netns, tmp_path: Path) -> None:
     """Spool on a 1 MiB tmpfs (own mount namespace); 16 CT slices of 128 KiB overflow it."""
     files = tiny_study(tmp_path / "big", n_ct=16, n_pt=0, size=256)
-    proc = NodeProcess(tmp_path / "full", free_port(), {"idle_seconds": 60.0}, tmpfs_size="1m").start()
+    # no disk floor: this is the disk filling despite it (the floor itself: test_serve_limits.py)
+    config = {"idle_seconds": 60.0, "min_free_disk_mb": 0}
+    proc = NodeProcess(tmp_path / "full", free_port(), config, tmpfs_size="1m").start()
     try:
         statuses = store_files(files, proc.port)
         assert statuses[0] == 0x0000 and statuses[-1] == 0xA700, statuses
@@ -293,9 +294,9 @@ _SEG_REASON = _segmenter_unavailable()
 
 @pytest.fixture(scope="module")
 def segmenter():
-    from diffseg.runtime.serve.pipeline import load_segmenter_class
+    from diffseg.runtime.segmenter import Segmenter
 
-    return load_segmenter_class()(model="default", backend="auto")
+    return Segmenter(model="default", backend="auto")
 
 
 def _seg_instances(pacs: Orthanc, study_uid: str) -> list[dict]:
@@ -345,7 +346,9 @@ def test_seg_comes_back_into_orthanc(netns, orthanc, phantom_studies, segmenter,
     assert got.shape == expected.shape
     assert np.array_equal(got.array.astype(bool), expected.array.astype(bool))  # exact, voxel for voxel
     (job,) = [j for j in proc.status()["jobs"] if j["study_uid"] == study_uid]
-    assert pydicom.dcmread(seg_path).SOPInstanceUID == seg_uids(study_uid, job["model_version"]).sop_instance_uid
+    expected_uids = output_uids(study_uid, job["model_version"], job["input_key"], "seg")
+    assert job["outputs"]["seg"]["sop_instance_uid"] == expected_uids.sop_instance_uid
+    assert pydicom.dcmread(seg_path).SOPInstanceUID == expected_uids.sop_instance_uid
     # the shipped model reaches Dice 0.93 on this phantom (seed 1, 128² × 16, openvino CPU); 0.8 leaves room
     # for another backend's rounding while still catching a misplaced or flipped SEG (Dice near 0)
     assert _dice(got.array, phantom.mask.array) >= 0.8
@@ -409,5 +412,117 @@ def test_send_retries_with_backoff_and_survives_a_kill_until_the_pacs_is_back(
         if orthanc.process.poll() is not None:
             orthanc.start(netns)
     assert done["runs"] == 1 and done["send_attempts"] > at_kill["send_attempts"]
-    assert done["seg_sop_instance_uid"] == at_kill["seg_sop_instance_uid"]
+    assert done["outputs"] == at_kill["outputs"]
     assert len(_seg_instances(orthanc, study_uid)) == 1
+
+
+# -- a scanner's timing: the PET after the CT, a resend, a second PET series, a requeue ----------------------
+
+
+@pytest.fixture(scope="module")
+def late_study(tmp_path_factory):
+    """A phantom PET/CT study of its own (no SEG of it in Orthanc yet), and a longer second PET series of it."""
+    from diffseg.runtime.dicom import write_phantom_dicom
+    from diffseg.runtime.phantom import PhantomOptions, make_phantom
+
+    root = tmp_path_factory.mktemp("late")
+    phantom = make_phantom(3, PhantomOptions(ct_size_xy=128, ct_slices=16))
+    info = write_phantom_dicom(phantom, root / "study")
+    # A second reconstruction of the PET: a new series with one slice more (the selection takes the longer one)
+    second = []
+    series_uid = generate_uid()
+    pet = sorted((pydicom.dcmread(p) for p in info["pet_files"]), key=lambda d: float(d.ImagePositionPatient[2]))
+    step = float(pet[1].ImagePositionPatient[2]) - float(pet[0].ImagePositionPatient[2])
+    for i, ds in enumerate([*pet, pet[-1]]):
+        ds = pydicom.dcmread(ds.filename)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesNumber = 3
+        ds.InstanceNumber = i + 1
+        if i == len(pet):
+            position = [float(v) for v in ds.ImagePositionPatient]
+            ds.ImagePositionPatient = [position[0], position[1], position[2] + step]
+        path = root / "pet2" / f"PT{i:03d}.dcm"
+        path.parent.mkdir(exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        second.append(path)
+    return info, [Path(p) for p in info["ct_files"]], [Path(p) for p in info["pet_files"]], second
+
+
+def _outputs_in(pacs: Orthanc, study_uid: str, modality: str) -> list[dict]:
+    return pacs.find("Instance", {"StudyInstanceUID": study_uid, "Modality": modality})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_SEG_REASON is not None, reason=_SEG_REASON or "")
+def test_a_pet_that_comes_late_a_resend_a_new_series_and_a_requeue(netns, orthanc, late_study, tmp_path) -> None:
+    from diffseg.runtime.cli import main as cli_main
+
+    info, ct_files, pet_files, second_pet = late_study
+    study_uid = info["study_instance_uid"]
+    idle = 1.5
+    # A planning system beside the PACS (dcmtk's storescp) that takes the RTSTRUCT only
+    tps_dir, tps_port = tmp_path / "tps", free_port()
+    tps_dir.mkdir()
+    tps = subprocess.Popen(
+        ["/usr/bin/storescp", "-aet", "TPS", "-od", str(tps_dir), "-fe", ".dcm", str(tps_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pacs = {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
+    destinations = [pacs, {"ae_title": "TPS", "host": "127.0.0.1", "port": tps_port, "outputs": ["rtstruct"]}]
+    old_umask = os.umask(0o022)
+    try:
+        proc = _worker_node(
+            orthanc, tmp_path / "node", idle_seconds=idle, max_wait_seconds=600, destination=destinations
+        ).start()
+    finally:
+        os.umask(old_umask)
+    try:
+        assert set(store_files(ct_files, proc.port)) == {0}
+        wait_for(lambda: proc.status()["waiting"], 30, "the study to wait for its PET")
+        time.sleep(2 * idle)  # the CT alone, idle for two windows: not segmented, waiting for the PET
+        (waiting,) = proc.status()["waiting"]
+        assert (waiting["why"], waiting["missing"]) == ("missing", ["PT"])
+        assert proc.status()["jobs"] == []
+        assert set(store_files(pet_files, proc.port)) == {0}
+        v1 = wait_for(lambda: (j := _job(proc, study_uid)) and j["state"] == "done" and j, 240, "version 1 done")
+        assert (len(_outputs_in(orthanc, study_uid, "SEG")), len(_outputs_in(orthanc, study_uid, "RTSTRUCT"))) == (1, 1)
+        assert sorted(v1["outputs"]) == ["rtstruct", "seg"]
+        for entry in v1["outputs"].values():  # the node's files honour the umask (0644 under 022)
+            assert (proc.spool / entry["path"]).stat().st_mode & 0o777 == 0o644
+
+        # The PET again (a sender's retry): recorded as duplicates, nothing new
+        assert set(store_files(pet_files, proc.port)) == {0}
+        time.sleep(3 * idle)
+        assert [j["id"] for j in proc.status()["jobs"]] == [v1["id"]] and proc.status()["waiting"] == []
+        assert len(proc.events("duplicate_instance")) == len(pet_files)
+
+        # A second, longer PET series: the inputs change, a new version supersedes the first
+        assert set(store_files(second_pet, proc.port)) == {0}
+        v2 = wait_for(
+            lambda: [j for j in proc.status()["jobs"] if j["version"] == 2 and j["state"] == "done"], 240, "v2"
+        )[0]
+        assert v2["supersedes"] == v1["id"] and v2["input_key"] != v1["input_key"]
+        assert (len(_outputs_in(orthanc, study_uid, "SEG")), len(_outputs_in(orthanc, study_uid, "RTSTRUCT"))) == (2, 2)
+        new_uids = {e["sop_instance_uid"] for e in v2["outputs"].values()}
+        assert new_uids.isdisjoint(e["sop_instance_uid"] for e in v1["outputs"].values())
+
+        # An operator's requeue: segmented again from the same series, so the same UIDs; the PACS keeps two of each
+        assert cli_main(["serve", "requeue", study_uid, "--spool", str(proc.spool)]) == 0
+        v3 = wait_for(
+            lambda: [j for j in proc.status()["jobs"] if j["version"] == 3 and j["state"] == "done"], 240, "v3"
+        )[0]
+        assert v3["requeued"] == 1 and v3["outputs"] == {
+            k: {**e, "path": e["path"].replace("/v2/", "/v3/")} for k, e in v2["outputs"].items()
+        }
+        assert (len(_outputs_in(orthanc, study_uid, "SEG")), len(_outputs_in(orthanc, study_uid, "RTSTRUCT"))) == (2, 2)
+    finally:
+        assert proc.stop() == 0
+        tps.terminate()
+        tps.wait(timeout=30)
+    assert not proc.events("job_failed") and not proc.events("job_error")
+    # The planning system got the RTSTRUCT of each version, and nothing else
+    received = [pydicom.dcmread(f, stop_before_pixels=True) for f in tps_dir.iterdir()]
+    assert {d.Modality for d in received} == {"RTSTRUCT"}
+    assert {d.SOPInstanceUID for d in received} == {v["outputs"]["rtstruct"]["sop_instance_uid"] for v in (v1, v2)}
