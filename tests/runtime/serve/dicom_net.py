@@ -35,6 +35,7 @@ __all__ = [
     "NodeProcess",
     "Orthanc",
     "dcmtk",
+    "encoded_copy",
     "free_port",
     "netns_unavailable_reason",
     "private_netns",
@@ -476,3 +477,43 @@ def store_files(paths: list[Path], port: int, calling_aet: str = "PACS", called_
         return [int(getattr(assoc.send_c_store(ds), "Status", -1)) for ds in datasets]
     finally:
         assoc.release()
+
+
+def _gdcm_j2k(source: Path, target: Path) -> None:
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read(), source
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEG2000Lossless))
+    change.SetInput(reader.GetImage())
+    assert change.Change(), source
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(target))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write(), target
+
+
+def encoded_copy(source: Path, target: Path, encoder) -> str:
+    """The study under ``source`` with new UIDs (its own study in the spool), encoded into ``target``; the new
+    StudyInstanceUID."""
+    study_uid, series, frame_map = str(generate_uid()), {}, {}
+    for path in sorted(source.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series.setdefault(ds.SeriesInstanceUID, str(generate_uid()))
+        ds.FrameOfReferenceUID = frame_map.setdefault(ds.FrameOfReferenceUID, str(generate_uid()))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = str(generate_uid())
+        plain = target / "plain" / path.relative_to(source)
+        plain.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(plain, enforce_file_format=True)
+        out = target / "sent" / path.relative_to(source)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if encoder == "gdcm":
+            _gdcm_j2k(plain, out)
+        else:
+            done = subprocess.run([*encoder, str(plain), str(out)], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+    return study_uid

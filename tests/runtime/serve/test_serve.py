@@ -23,6 +23,7 @@ from dicom_net import (
     NodeProcess,
     Orthanc,
     dcmtk,
+    encoded_copy,
     free_port,
     netns_unavailable_reason,
     private_netns,
@@ -526,3 +527,49 @@ def test_a_pet_that_comes_late_a_resend_a_new_series_and_a_requeue(netns, orthan
     received = [pydicom.dcmread(f, stop_before_pixels=True) for f in tps_dir.iterdir()]
     assert {d.Modality for d in received} == {"RTSTRUCT"}
     assert {d.SOPInstanceUID for d in received} == {v["outputs"]["rtstruct"]["sop_instance_uid"] for v in (v1, v2)}
+
+
+# -- compressed studies from the scanner, all the way to a SEG; the spool purged after ----------------------
+
+_COMPRESSED = {  # name: (encoder, storescu proposal)
+    "JPEG Lossless SV1": (["/usr/bin/dcmcjpeg", "+e1"], "-xs"),
+    "JPEG-LS lossless": (["/usr/bin/dcmcjpls", "+el"], "-xt"),
+    "JPEG 2000 lossless": ("gdcm", "-xv"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_SEG_REASON is not None, reason=_SEG_REASON or "")
+def test_compressed_studies_are_segmented_and_the_spool_purged(netns, orthanc, segmenter, tmp_path) -> None:
+    from diffseg.runtime.dicom import read_pet_ct, read_seg, write_phantom_dicom
+    from diffseg.runtime.phantom import PhantomOptions, make_phantom
+
+    original = tmp_path / "original"
+    write_phantom_dicom(make_phantom(4, PhantomOptions(ct_size_xy=128, ct_slices=16)), original)
+    proc = _worker_node(orthanc, tmp_path / "node", idle_seconds=1.0, keep_done_days=0).start()
+    studies = {}
+    try:
+        for i, (name, (encoder, proposal)) in enumerate(_COMPRESSED.items()):
+            study_uid = encoded_copy(original, tmp_path / f"study{i}", encoder)
+            folder = str(tmp_path / f"study{i}" / "sent")
+            args = ("-aet", "PACS", "-aec", "NODE", proposal, "+sd", "+r", "127.0.0.1", str(proc.port), folder)
+            sent = dcmtk("storescu", *args)
+            assert sent.returncode == 0, f"{name}: {sent.stderr}"
+            studies[name] = study_uid
+        for name, study_uid in studies.items():
+            wait_for(lambda u=study_uid: (j := _job(proc, u)) and j["state"] == "done", 240, f"{name} done")
+        wait_for(lambda: proc.status()["summary"]["purged"] == len(studies), 30, "the spool purged")
+    finally:
+        assert proc.stop() == 0
+    assert not list((proc.spool / "incoming").rglob("*.dcm")) and not list((proc.spool / "results").rglob("*.dcm"))
+    assert len(proc.events("study_purged")) == len(studies)
+    # Lossless: each SEG equals the segmentation of the uncompressed study, voxel for voxel
+    expected = None
+    for name, study_uid in studies.items():
+        seg_meta, rt_meta = _outputs_in(orthanc, study_uid, "SEG"), _outputs_in(orthanc, study_uid, "RTSTRUCT")
+        assert (len(seg_meta), len(rt_meta)) == (1, 1), name
+        plain = read_pet_ct(tmp_path / f"study{list(studies).index(name)}" / "plain")
+        expected = expected if expected is not None else segmenter.predict(plain.ct, plain.pet).mask
+        path = tmp_path / f"{study_uid}.seg.dcm"
+        path.write_bytes(orthanc.get(f"/instances/{seg_meta[0]['ID']}/file", raw=True))
+        assert np.array_equal(read_seg(path, plain).array.astype(bool), expected.array.astype(bool)), name

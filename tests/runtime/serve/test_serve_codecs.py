@@ -14,14 +14,12 @@ References: the uncompressed originals (voxel-for-voxel, exact, for the lossless
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from dicom_net import NodeProcess, dcmtk, free_port, netns_unavailable_reason, private_netns
-from pydicom.uid import generate_uid
+from dicom_net import NodeProcess, dcmtk, encoded_copy, free_port, netns_unavailable_reason, private_netns
 
 from diffseg.runtime.dicom import codecs, read_pet_ct
 from diffseg.runtime.serve import Destination, JobQueue, ServeOptions, Spool
@@ -68,46 +66,6 @@ def original(tmp_path_factory):
     return root, read_pet_ct(root)
 
 
-def _gdcm_j2k(source: Path, target: Path) -> None:
-    import gdcm
-
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(source))
-    assert reader.Read(), source
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEG2000Lossless))
-    change.SetInput(reader.GetImage())
-    assert change.Change(), source
-    writer = gdcm.ImageWriter()
-    writer.SetFileName(str(target))
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    assert writer.Write(), target
-
-
-def _encoded_copy(source: Path, target: Path, encoder) -> str:
-    """The study under ``source`` with new UIDs (its own study in the spool), encoded into ``target``; the new
-    StudyInstanceUID."""
-    study_uid, series, frame_map = str(generate_uid()), {}, {}
-    for path in sorted(source.rglob("*.dcm")):
-        ds = pydicom.dcmread(path)
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series.setdefault(ds.SeriesInstanceUID, str(generate_uid()))
-        ds.FrameOfReferenceUID = frame_map.setdefault(ds.FrameOfReferenceUID, str(generate_uid()))
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = str(generate_uid())
-        plain = target / "plain" / path.relative_to(source)
-        plain.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(plain, enforce_file_format=True)
-        out = target / "sent" / path.relative_to(source)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if encoder == "gdcm":
-            _gdcm_j2k(plain, out)
-        else:
-            done = subprocess.run([*encoder, str(plain), str(out)], capture_output=True, text=True, timeout=60)
-            assert done.returncode == 0, done.stderr
-    return study_uid
-
-
 @pytest.mark.parametrize("name", list(SYNTAXES))
 def test_storescu_study_in_each_syntax_reads_back_voxel_exact(
     name: str, node: NodeProcess, original, tmp_path: Path
@@ -115,7 +73,7 @@ def test_storescu_study_in_each_syntax_reads_back_voxel_exact(
     encoder, proposal, syntax = SYNTAXES[name]
     assert syntax in codecs.decodable_transfer_syntaxes(), f"{name} is not decodable in this installation"
     source, reference = original
-    study_uid = _encoded_copy(source, tmp_path, encoder)
+    study_uid = encoded_copy(source, tmp_path, encoder)
     sent = sorted((tmp_path / "sent").rglob("*.dcm"))
     assert {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in sent} == {syntax}
     folder, port = str(tmp_path / "sent"), str(node.port)
@@ -154,7 +112,7 @@ def test_jpeg_lossless_process_14_from_pynetdicom(node: NodeProcess, original, t
     syntax = "1.2.840.10008.1.2.4.57"
     assert syntax in codecs.decodable_transfer_syntaxes()
     source, reference = original
-    study_uid = _encoded_copy(source, tmp_path, ["/usr/bin/dcmcjpeg", "+el"])
+    study_uid = encoded_copy(source, tmp_path, ["/usr/bin/dcmcjpeg", "+el"])
     sent = sorted((tmp_path / "sent").rglob("*.dcm"))
     assert store_files(sent, node.port) == [0x0000] * len(sent)
     received = read_pet_ct(Spool(node.spool).study_dir(study_uid))
@@ -194,7 +152,7 @@ def test_the_node_offers_only_what_it_decodes_storescu_is_refused(netns, origina
     from diffseg.runtime.serve.scp import StorageSCP
 
     monkeypatch.setattr(codecs, "decodable_transfer_syntaxes", lambda: codecs.UNCOMPRESSED)
-    _encoded_copy(original[0], tmp_path / "study", ["/usr/bin/dcmcjpeg", "+e1"])
+    encoded_copy(original[0], tmp_path / "study", ["/usr/bin/dcmcjpeg", "+e1"])
     config = tmp_path / "sv1-only.cfg"
     config.write_text(
         "[[TransferSyntaxes]]\n[SV1]\nTransferSyntax1 = JPEGLossless:Non-hierarchical-1stOrderPrediction\n"
