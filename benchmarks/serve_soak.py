@@ -29,7 +29,7 @@ import time
 import urllib.error
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "runtime" / "serve"))
 
 from dicom_net import NodeProcess, Orthanc, free_port, netns_unavailable_reason, private_netns, wait_for
 
