@@ -2,6 +2,7 @@
 
 Any other ``torch.nn.Module`` with the contract ``f(x, t)`` exports through the Python API
 (``diffseg.export.package.build_package(model=...)``); this registry only serves ``diffseg export --config``.
+Checkpoints are read by :mod:`diffseg.export.checkpoints` (``load_checkpoint``: prefixes, EMA, clear errors).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from .unet import DiffusionUNet3D, UNetConfig
 
-__all__ = ["ARCHITECTURES", "MonaiDenoiser", "build_model", "load_checkpoint"]
+__all__ = ["ARCHITECTURES", "MonaiDenoiser", "build_model"]
 
 
 class MonaiDenoiser(torch.nn.Module):
@@ -47,12 +48,3 @@ def build_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
     if name not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {name!r}")
     return ARCHITECTURES[name](cfg["model"])
-
-
-def load_checkpoint(path: str, cfg: Mapping[str, Any]) -> torch.nn.Module:
-    """Rebuild the network and load weights with ``weights_only=True`` (no pickled code is ever run)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    weights = state["model"] if isinstance(state, dict) and "model" in state else state
-    model = build_model(cfg)
-    model.load_state_dict(weights)
-    return model.eval()

@@ -1,29 +1,140 @@
-"""What ``diffseg export`` does, kept on the export side so that the runtime CLI never imports torch."""
+"""What ``diffseg export`` does, kept on the export side so that the runtime CLI never imports torch.
+
+The config (JSON) needs what the package declares: ``model`` (and ``architecture``, default ours), ``patch_size``,
+``spacing_mm``, ``modalities``, ``normalisation`` and ``diffusion``; optional ``name``, ``version``,
+``channel_order``, ``sampling`` (merged over :data:`~diffseg.export.package.DEFAULT_SAMPLING`, keys checked) and
+``provenance`` (``training_data``, ``intended_use``, ``licence``, ``model_version``). No ``train`` section is
+needed. Provenance comes from the CLI flags, else the config's ``provenance`` section (our default model's config
+states its own); anything else is written as "not stated".
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from diffseg.runtime.manifest import DEFAULTS_KEYS, DEFAULTS_TYPES
 from diffseg.runtime.phantom import split_seeds
 
-from .architectures import load_checkpoint
+from .checkpoints import WEIGHT_CHOICES, load_checkpoint
 from .data import phantom_case
-from .package import build_package, diffusion_from_config, modalities_from_config
-from .train import load_config, norms_of
+from .package import DEFAULT_SAMPLING, build_package, diffusion_from_config, modalities_from_config
+from .train import norms_of
 
-__all__ = ["export_from_checkpoint", "phantom_patches"]
+__all__ = [
+    "EXPORT_CONFIG_KEYS",
+    "NOT_STATED",
+    "PHANTOM_MODALITIES",
+    "PROVENANCE_KEYS",
+    "export_from_checkpoint",
+    "load_export_config",
+    "phantom_patches",
+    "provenance_for",
+    "sampling_for",
+]
+
+logger = logging.getLogger("diffseg.export")
+
+#: Config keys an export needs (``train`` and ``seed`` are the trainer's, not the export's).
+EXPORT_CONFIG_KEYS = ("model", "patch_size", "spacing_mm", "modalities", "normalisation", "diffusion")
+#: Provenance fields written to the manifest, each from a flag, the config's ``provenance`` section, or "not stated".
+PROVENANCE_KEYS = ("training_data", "intended_use", "licence", "model_version")
+NOT_STATED = "not stated"
+#: Modalities the synthetic phantoms (``diffseg.runtime.phantom``) make: parity patches only for these.
+PHANTOM_MODALITIES = ("CT", "PT")
+_OPTIONAL_KEYS = ("architecture", "name", "version", "channel_order", "sampling", "provenance", "train", "seed")
+
+
+def load_export_config(path: str | Path) -> dict[str, Any]:
+    """Read an export config (JSON) and check the keys an export needs.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not JSON, not an object, or a needed key missing (named, with the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: the config must be a JSON object, got {type(cfg).__name__}")
+    missing = [k for k in EXPORT_CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(
+            f"{path}: missing keys {missing}; an export config needs {list(EXPORT_CONFIG_KEYS)} "
+            f"(optional: {list(_OPTIONAL_KEYS)})"
+        )
+    for key in ("sampling", "provenance"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise ValueError(f"{path}: {key} must be an object, got {type(cfg[key]).__name__}")
+    return cfg
+
+
+def provenance_for(cfg: Mapping[str, Any], flags: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+    """The manifest's provenance: each of :data:`PROVENANCE_KEYS` from ``flags``, else the config's
+    ``provenance`` section, else "not stated" (the config's ``version`` stands for ``model_version``).
+
+    Args:
+        cfg: the export config.
+        flags: CLI values (None = not given).
+
+    Returns:
+        The provenance fields plus ``training_config`` (the config itself).
+
+    Raises:
+        ValueError: an unknown key in the config's ``provenance`` section or in ``flags``.
+    """
+    section = dict(cfg.get("provenance") or {})
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    for where, keys in (("provenance", section), ("provenance flags", flags)):
+        unknown = sorted(set(keys) - set(PROVENANCE_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; allowed: {list(PROVENANCE_KEYS)}")
+    stated: dict[str, str] = {"model_version": str(cfg["version"])} if "version" in cfg else {}
+    out: dict[str, Any] = {"training_config": dict(cfg)}
+    for key in PROVENANCE_KEYS:
+        value = flags.get(key, section.get(key, stated.get(key)))
+        out[key] = NOT_STATED if value is None or str(value).strip() == "" else str(value)
+    return out
+
+
+def sampling_for(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The package's sampling defaults: the config's ``sampling`` section merged over ``DEFAULT_SAMPLING``.
+
+    Raises:
+        ValueError: an unknown key (named, with the allowed ones) or a value of the wrong JSON type.
+    """
+    section = dict(cfg.get("sampling") or {})
+    unknown = sorted(set(section) - set(DEFAULTS_KEYS))
+    if unknown:
+        raise ValueError(f"sampling: unknown keys {unknown}; allowed: {list(DEFAULTS_KEYS)}")
+    for key, value in section.items():
+        want = DEFAULTS_TYPES[key]
+        if (isinstance(value, bool) and want is not bool) or not isinstance(value, want):
+            raise ValueError(f"sampling: {key} must be of type {want}, got {value!r}")
+    return {**DEFAULT_SAMPLING, **section}
 
 
 def phantom_patches(cfg: Mapping[str, Any], count: int) -> list[np.ndarray]:
-    """One image patch per validation phantom, centred on its tumour (or its centre when it has none)."""
+    """One image patch per validation phantom, centred on its tumour (or its centre when it has none).
+
+    Only for configs whose modalities the phantoms make (:data:`PHANTOM_MODALITIES`); otherwise no patches (the
+    parity check then runs on random inputs only).
+    """
+    if count <= 0 or not set(cfg["modalities"]) <= set(PHANTOM_MODALITIES):
+        return []
     patch = np.array(cfg["patch_size"])
     out = []
     for seed in split_seeds("validation")[:count]:
-        case = phantom_case(seed, cfg["modalities"], norms_of(cfg), cfg["spacing_mm"])
+        case = phantom_case(seed, cfg["modalities"], norms_of(dict(cfg)), cfg["spacing_mm"])
         fg = np.argwhere(case.mask > 0)
         centre = fg.mean(axis=0).astype(int) if len(fg) else np.array(case.mask.shape) // 2
         start = np.clip(centre - patch // 2, 0, np.maximum(np.array(case.mask.shape) - patch, 0))
@@ -42,32 +153,48 @@ def export_from_checkpoint(
     validation: Mapping | None = None,
     parity_phantoms: int = 2,
     overwrite: bool = False,
+    weights: str = "model",
+    provenance: Mapping[str, str | None] | None = None,
 ) -> Path:
-    cfg = load_config(config)
-    if not checkpoint.is_file():
+    """Rebuild the configured network, load the checkpoint's weights and write a model package.
+
+    Args:
+        checkpoint: the checkpoint (any layout :mod:`diffseg.export.checkpoints` reads, ``weights_only``).
+        config: the export config (JSON).
+        out_dir: the package folder to write.
+        validation: accuracy figures to record in the manifest.
+        parity_phantoms: validation phantoms whose patches join the parity inputs (phantom modalities only).
+        overwrite: replace an existing package.
+        weights: ``model`` or ``ema``.
+        provenance: CLI provenance values (``training_data``, ``intended_use``, ``licence``, ``model_version``).
+
+    Returns:
+        The package folder.
+    """
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    cfg = load_export_config(config)
+    if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"{checkpoint}: no such checkpoint")
-    model = load_checkpoint(str(checkpoint), cfg)
-    provenance = {
-        "training_config": cfg,
-        "training_data": "synthetic head-and-neck PET/CT phantoms (diffseg.runtime.phantom), training seeds "
-        f"{split_seeds('train', cfg['train']['cases'])[0]}-"
-        f"{split_seeds('train', cfg['train']['cases'])[-1]}",
-        "intended_use": "research and engineering tests; trained on synthetic phantoms, not for clinical use",
-        "licence": "Apache-2.0",
-        "model_version": str(cfg.get("version", "1")),
-    }
+    prov = provenance_for(cfg, provenance)
+    defaults = sampling_for(cfg)
+    model, loaded = load_checkpoint(checkpoint, cfg, weights)
+    prov["checkpoint"] = loaded.as_provenance()
+    patches = phantom_patches(cfg, parity_phantoms)
+    logger.info("parity inputs: random%s", f" + {len(patches)} phantom patches" if patches else " only")
     return build_package(
         model,
         out_dir,
-        name=cfg.get("name", checkpoint.stem),
+        name=cfg.get("name", Path(checkpoint).stem),
         modalities=modalities_from_config(cfg),
         spacing_mm=cfg["spacing_mm"],
         patch_size=cfg["patch_size"],
         channel_order=cfg.get("channel_order", "image-first"),
         diffusion=diffusion_from_config(cfg),
         architecture={"type": cfg.get("architecture", "diffseg-unet3d"), **cfg["model"]},
-        patches=phantom_patches(cfg, parity_phantoms),
+        defaults=defaults,
+        patches=patches,
         validation=validation,
-        provenance=provenance,
+        provenance=prov,
         overwrite=overwrite,
     )

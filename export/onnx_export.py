@@ -48,24 +48,37 @@ class ExportError(RuntimeError):
 def export_fp32(
     model: torch.nn.Module, in_channels: int, patch: tuple[int, int, int], path: Path, opset: int = 18
 ) -> Path:
-    """Export ``model`` (``f(x, t)``) to ONNX: ``x`` [B, C, *patch], ``t`` float32 [B], output ``y``; batch dynamic."""
+    """Export ``model`` (``f(x, t)``) to ONNX: ``x`` [B, C, *patch], ``t`` float32 [B], output ``y``; batch dynamic.
+
+    Raises:
+        ExportError: torch.export failed in a way diffseg can explain (a branch on the value of t, a batch size
+            fixed inside the model); other torch errors propagate unchanged.
+    """
     if not 18 <= opset <= 20:
         raise ValueError(f"opset must be 18–20 (GroupNorm decomposed, no fused Attention), got {opset}")
     model = model.eval().float()
     x = torch.randn(2, in_channels, *patch)
     t = torch.tensor([10.0, 500.0])
-    program = torch.onnx.export(
-        model,
-        (x, t),
-        input_names=["x", "t"],
-        output_names=["y"],
-        opset_version=opset,
-        dynamo=True,
-        optimize=True,
-        dynamic_shapes=({0: "batch"}, {0: "batch"}),
-        external_data=False,
-        verbose=False,
-    )
+    try:
+        program = torch.onnx.export(
+            model,
+            (x, t),
+            input_names=["x", "t"],
+            output_names=["y"],
+            opset_version=opset,
+            dynamo=True,
+            optimize=True,
+            dynamic_shapes=({0: "batch"}, {0: "batch"}),
+            external_data=False,
+            verbose=False,
+        )
+    except Exception as exc:
+        from .contract_checks import explain_export_error  # imports this module
+
+        explained = explain_export_error(model, exc)
+        if explained is None:
+            raise
+        raise explained from exc
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path))
     return path

@@ -23,6 +23,7 @@ from diffseg.runtime.atomic import atomic_path, write_text_atomic
 from diffseg.runtime.manifest import SCHEMA_VERSION, load_package, parse_manifest, sha256_of
 from diffseg.runtime.verify import EngineError
 
+from .contract_checks import check_denoiser, check_patch, refuse_scripted
 from .onnx_export import ExportError, check_graph, convert_fp16, export_fp32, parity
 
 __all__ = ["DEFAULT_SAMPLING", "build_package", "parity_inputs"]
@@ -112,15 +113,29 @@ def build_package(
         validation: accuracy figures measured elsewhere (kept in the manifest next to the parity report).
 
     Raises:
-        ExportError: a graph check or a parity check failed; the message names the engine and the error.
+        ContractError: the model does not meet the contract the package declares (checked on real inputs at
+            t = 0, T/2, T−1 before anything is written: see :mod:`diffseg.export.contract_checks`).
+        ExportError: torch.export failed in a way diffseg explains, or a graph or parity check failed; the
+            message names the model or the engine and the error. Nothing is left behind.
         FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists (pass overwrite=True / --overwrite)")
-    patch = tuple(int(p) for p in patch_size)
+    refuse_scripted(model)
+    patch = check_patch(patch_size)
     in_channels = len(modalities) + 1
     out_channels = int(diffusion["output_channels"])
+    # The contract on real inputs before anything is written: shape, dtype and channels of y at t = 0, T/2, T−1.
+    check_denoiser(
+        model,
+        in_channels=in_channels,
+        patch=patch,
+        output_channels=out_channels,
+        prediction_channel=int(diffusion.get("prediction_channel", 0)),
+        num_train_timesteps=int(diffusion["num_train_timesteps"]),
+        patches=patches,
+    )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

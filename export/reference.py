@@ -7,6 +7,7 @@ scheduler, sliding window or backends, so it can check them. Noise follows the r
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -28,9 +29,12 @@ class ReferenceSettings:
         overlap: sliding-window overlap (MONAI's definition).
         prediction_type: what the network outputs (epsilon, sample, v_prediction).
         clip: clip the predicted x0 to [-1, 1]; ε is then recomputed from the clipped x0 (guided-diffusion).
-        timestep_spacing: linspace (999 … 0, guided-diffusion respacing) or leading (900 … 0, diffusers/MONAI).
+        timestep_spacing: diffusers' grids: linspace (999 … 0), leading (900 … 0, diffusers/MONAI) or trailing
+            (999 … 99); see :func:`ddim_pairs`.
         channel_order: image-first ``[images, x_t]`` or noisy-first ``[x_t, images]``.
         prediction_channel: output channel holding the prediction (0; learned-sigma models add a second one).
+        batch_size: windows per model call.
+        steps_offset: added to the ``leading`` grid (diffusers' ``steps_offset``).
     """
 
     steps: int = 10
@@ -42,17 +46,45 @@ class ReferenceSettings:
     channel_order: str = "image-first"
     prediction_channel: int = 0
     batch_size: int = 8
+    steps_offset: int = 0
 
 
-def ddim_pairs(num_train_timesteps: int, steps: int, spacing: str) -> list[tuple[int, int]]:
-    """(t, t_prev) pairs; t_prev = −1 means ᾱ = 1 (the final step returns x0)."""
+def ddim_pairs(num_train_timesteps: int, steps: int, spacing: str, steps_offset: int = 0) -> list[tuple[int, int]]:
+    """The reverse steps as consecutive pairs ``(t_k, t_{k+1})`` of diffusers' timestep grid.
+
+    The grid is the one ``diffusers.DDIMScheduler.set_timesteps(steps)`` builds, with the same floating-point
+    rounding (which differs from exact rational rounding for some step counts, e.g. N = 27 with ``linspace``):
+    ``linspace`` rounds ``linspace(0, T−1, N)`` and reverses it (N = 1 gives t = 0); ``leading`` is ``k·(T//N)``
+    reversed, plus ``steps_offset``; ``trailing`` rounds ``arange(T, 0, −T/N)`` and subtracts 1. Steps pair
+    consecutive grid entries; ``t_prev = −1`` on the last one means ᾱ = 1 (the final step returns x0), as the
+    runtime's ``set_alpha_to_one``.
+
+    Args:
+        num_train_timesteps: T.
+        steps: N, 1 … T.
+        spacing: ``linspace``, ``leading`` or ``trailing``.
+        steps_offset: added to the ``leading`` grid (diffusers' ``steps_offset``).
+
+    Returns:
+        N pairs (t, t_prev), t strictly decreasing.
+
+    Raises:
+        ValueError: on a step count out of range or an unknown spacing.
+    """
     T = num_train_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an int in [1, {T}] (num_train_timesteps), got {steps!r}")
     if spacing == "linspace":
-        ts = [round(v) for v in np.linspace(T - 1, 0, steps)]
+        grid = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
     elif spacing == "leading":
-        ts = [i * (T // steps) for i in reversed(range(steps))]
+        grid = (np.arange(steps) * (T // steps))[::-1].astype(np.int64) + steps_offset
+    elif spacing == "trailing":
+        grid = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
     else:
-        raise ValueError(f"timestep_spacing must be linspace or leading, got {spacing!r}")
+        raise ValueError(f"timestep_spacing must be one of linspace, leading, trailing; got {spacing!r}")
+    ts = [int(v) for v in grid]
+    if len(ts) != steps or any(a <= b for a, b in itertools.pairwise(ts)) or not 0 <= ts[-1] <= ts[0] < T:
+        raise ValueError(f"the {spacing!r} grid for steps={steps}, T={T} is degenerate: {ts}")
     return list(zip(ts, [*ts[1:], -1], strict=True))
 
 
@@ -66,13 +98,19 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
 
 
 def gaussian_map(patch: tuple[int, ...], sigma_scale: float = 0.125) -> torch.Tensor:
-    axes = []
+    """MONAI's Gaussian importance map (``compute_importance_map(patch, "gaussian", sigma_scale)``), float32.
+
+    ``w = ∏_i exp(−x_i² / (2σ_i²))`` with ``x_i ∈ [−(p_i−1)/2, (p_i−1)/2]`` and σ_i = sigma_scale·p_i, computed in
+    float32 in MONAI's order, not normalised, then clamped from below at ``max(min(w), 1e-3)``.
+    """
+    w = None
     for p in patch:
-        x = torch.arange(p, dtype=torch.float64) - (p - 1) / 2
-        axes.append(torch.exp(-(x**2) / (2 * (sigma_scale * p) ** 2)))
-    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    w = w / w.max()
-    return w.clamp(min=max(float(w.min()), 1e-3)).float()
+        x = torch.arange(-(p - 1) / 2.0, (p - 1) / 2.0 + 1, dtype=torch.float32)
+        g = torch.exp(x**2 / (-2 * (p * sigma_scale) ** 2))
+        w = g if w is None else w.unsqueeze(-1) * g
+    if w is None:
+        raise ValueError(f"patch must have at least one axis, got {patch!r}")
+    return w.clamp(min=max(float(w.min()), 1e-3))
 
 
 def _pad_to(x: torch.Tensor, patch: tuple[int, ...], value: float) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -122,7 +160,7 @@ def reference_sample(
         for xx in window_starts(vol[2], patch[2], s.overlap)
     ]
     w = gaussian_map(patch).to(device)
-    for t, t_prev in ddim_pairs(num_train_timesteps, s.steps, s.timestep_spacing):
+    for t, t_prev in ddim_pairs(num_train_timesteps, s.steps, s.timestep_spacing, s.steps_offset):
         acc = torch.zeros_like(x)
         norm = torch.zeros(vol, dtype=torch.float32, device=device)
         jobs = [(k, st) for st in starts for k in range(K)]

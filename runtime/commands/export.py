@@ -9,13 +9,28 @@ from pathlib import Path
 DESCRIPTION = """Export a trained denoiser to a model package: denoiser.onnx (fp32, fixed patch, dynamic batch,
 opset 18), denoiser.fp16.onnx (fp16 with fp32 islands) and manifest.json (normalisation, diffusion settings,
 sampling defaults, sha256 of every file, parity report). The package is written only if every graph check and
-parity check passes (ONNX fp32 vs PyTorch: rel. error <= 1e-4; fp16: <= 1e-2, finite at t = 0, T/2, T-1).
+parity check passes (ONNX fp32 vs PyTorch: rel. error <= 1e-4; fp16: <= 1e-2, finite at t = 0, T/2, T-1), after
+the model's output was checked against the declared contract ([B, output_channels, *patch], float32). The
+checkpoint may be a bare state_dict, ours ({"model": ...}), Lightning ({"state_dict": ...}), DDP (module.) or hold
+EMA weights (--weights ema); it is read with weights_only=True. The config needs no train section; provenance
+comes from the flags or the config's provenance section, else is written as "not stated".
 Needs: pip install "diffseg[export]"."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint (.pt, loaded weights_only)")
-    parser.add_argument("--config", required=True, type=Path, help="training config (JSON) of that checkpoint")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="checkpoint (.pt/.ckpt: a state_dict, ours, Lightning, DDP or EMA; loaded weights_only)",
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        type=Path,
+        help="config (JSON) of that checkpoint: architecture, model, patch_size, spacing_mm, modalities, "
+        "normalisation, diffusion; optional sampling and provenance (no train section needed)",
+    )
     parser.add_argument("-o", "--output", required=True, type=Path, help="model package folder to write")
     parser.add_argument("--validation", type=Path, help="JSON with accuracy figures to record in the manifest")
     parser.add_argument(
@@ -24,6 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2,
         help="validation phantoms whose patches join the parity inputs (default 2)",
     )
+    parser.add_argument(
+        "--weights",
+        choices=("model", "ema"),
+        default="model",
+        help="which weights of the checkpoint to export: the trained network (model, default) or its EMA copy",
+    )
+    parser.add_argument("--licence", help="licence of the weights (else the config's provenance, else 'not stated')")
+    parser.add_argument("--intended-use", help="intended use (else the config's provenance, else 'not stated')")
+    parser.add_argument(
+        "--training-data", help="what it was trained on (else the config's provenance, else 'not stated')"
+    )
+    parser.add_argument("--model-version", help="the model's version (else the config's, else 'not stated')")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package")
 
 
@@ -40,8 +67,19 @@ def run(args: argparse.Namespace) -> int:
         validation=validation,
         parity_phantoms=args.parity_phantoms,
         overwrite=args.overwrite,
+        weights=args.weights,
+        provenance={
+            "licence": args.licence,
+            "intended_use": args.intended_use,
+            "training_data": args.training_data,
+            "model_version": args.model_version,
+        },
     )
     manifest = json.loads((out / "manifest.json").read_text())
+    ckpt = manifest["provenance"].get("checkpoint", {})
+    print(f"weights: {ckpt.get('weights', args.weights)} ({ckpt.get('source', '?')} of {ckpt.get('file', '?')})")
+    for key in ("training_data", "intended_use", "licence", "model_version"):
+        print(f"{key}: {manifest['provenance'].get(key)}")
     for name, r in manifest["validation"]["parity"].items():
         print(f"{name}: rel. error {r['rel_error']:.2e} (limit {r['limit']:.0e}) {'ok' if r['passed'] else 'FAIL'}")
     print(f"model package written: {out}")

@@ -1,8 +1,8 @@
 """The runtime against a plain PyTorch reference loop, across backends and precisions, on phantoms.
 
 References: ``diffseg.export.reference.reference_sample`` (torch, its own DDIM and Gaussian sliding window, no code
-shared with the runtime) on the same model, seed and noise; tolerances from the runtime issue: probability max abs
-difference ≤ 1e-3 for onnxruntime fp32 and Dice agreement ≥ 0.99; bf16 vs fp32 Dice agreement ≥ 0.98.
+shared with the runtime) on the same model, seed and noise; tolerances: probability max abs difference ≤ 5e-4 for
+onnxruntime fp32 (see the test) and Dice agreement ≥ 0.99; bf16 vs fp32 Dice agreement ≥ 0.98.
 """
 
 from __future__ import annotations
@@ -89,10 +89,20 @@ def runtime_probability(backend, image, package):
     return sample_step_major(image, backend.run, config, options, window).mean
 
 
+def test_torch_fp32_matches_pytorch_reference_to_1e_5(default_package, model_grid_case, reference_probability):
+    """The runtime's sampler and window on the same arithmetic as the reference (the torch backend): 1e-5."""
+    with get_backend("torch", default_package, "fp32") as backend:
+        prob = runtime_probability(backend, model_grid_case, default_package)
+    assert np.abs(prob - reference_probability).max() <= 1e-5
+
+
 def test_onnxruntime_fp32_matches_pytorch_reference(default_package, model_grid_case, reference_probability):
     with get_backend("onnxruntime", default_package, "fp32") as backend:
         prob = runtime_probability(backend, model_grid_case, default_package)
-    assert np.abs(prob - reference_probability).max() <= 1e-3
+    # 5e-4, not 1e-4: onnxruntime's CPU InstanceNormalization (the exported GroupNorm) sums its statistics in float32
+    # (~3e-5 off float64 per layer over 64³ groups, torch ~1e-6), so one call differs from torch by up to 1e-4 and
+    # the probability by 2.15e-4 here; the runtime on the torch backend is 1.5e-6 from the reference.
+    assert np.abs(prob - reference_probability).max() <= 5e-4
     assert dice(prob >= 0.5, reference_probability >= 0.5) >= 0.99
 
 
