@@ -10,7 +10,6 @@ states its own); anything else is written as "not stated".
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +23,7 @@ from diffseg.runtime.phantom import split_seeds
 from .checkpoints import WEIGHT_CHOICES, load_checkpoint
 from .data import phantom_case
 from .package import DEFAULT_SAMPLING, build_package, diffusion_from_config, modalities_from_config
-from .train import norms_of
+from .train import norms_of, read_json_config
 
 __all__ = [
     "EXPORT_CONFIG_KEYS",
@@ -57,15 +56,7 @@ def load_export_config(path: str | Path) -> dict[str, Any]:
         FileNotFoundError: no such file.
         ValueError: not JSON, not an object, or a needed key missing (named, with the file).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such config file")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: the config must be a JSON object, got {type(cfg).__name__}")
+    cfg = read_json_config(path)
     missing = [k for k in EXPORT_CONFIG_KEYS if k not in cfg]
     if missing:
         raise ValueError(

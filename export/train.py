@@ -34,7 +34,13 @@ __all__ = ["dice", "load_config", "main", "train"]
 logger = logging.getLogger("diffseg.train")
 
 
-def load_config(path: str | Path) -> dict:
+def read_json_config(path: str | Path) -> dict:
+    """A JSON config file as a dict; the file named in every error.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not JSON, or not an object.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such config file")
@@ -42,6 +48,14 @@ def load_config(path: str | Path) -> dict:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: the config must be a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def load_config(path: str | Path) -> dict:
+    """A training config: :func:`read_json_config` with every key training needs."""
+    cfg = read_json_config(path)
     for key in (
         "seed",
         "model",

@@ -26,7 +26,6 @@ from dicom_net import (
     encoded_copy,
     free_port,
     netns_unavailable_reason,
-    private_netns,
     send_raw,
     store_files,
     tiny_study,
@@ -49,14 +48,6 @@ def _segmenter_unavailable() -> str | None:
     if not any(importlib.util.find_spec(m) for m in ("onnxruntime", "openvino")):
         return "no CPU engine (onnxruntime or openvino) is installed to run the model"
     return None
-
-
-@pytest.fixture(scope="module")
-def netns():
-    """The host namespace's id; the test thread is in a private one while the module runs."""
-    host = os.readlink("/proc/thread-self/ns/net")
-    with private_netns():
-        yield host
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,12 @@ References: the uncompressed originals (voxel-for-voxel, exact, for the lossless
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from dicom_net import NodeProcess, dcmtk, encoded_copy, free_port, netns_unavailable_reason, private_netns
+from dicom_net import NodeProcess, dcmtk, encoded_copy, free_port, netns_unavailable_reason
 
 from diffseg.runtime.dicom import codecs, read_pet_ct
 from diffseg.runtime.serve import Destination, JobQueue, ServeOptions, Spool
@@ -39,13 +38,6 @@ SYNTAXES = {
     "deflated": (["/usr/bin/dcmconv", "+td"], "-xd", "1.2.840.10008.1.2.1.99"),
     "explicit_big_endian": (["/usr/bin/dcmconv", "+tb"], "-xb", "1.2.840.10008.1.2.2"),
 }
-
-
-@pytest.fixture(scope="module")
-def netns():
-    host = os.readlink("/proc/thread-self/ns/net")
-    with private_netns():
-        yield host
 
 
 @pytest.fixture(scope="module")

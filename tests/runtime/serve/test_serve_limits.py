@@ -20,7 +20,6 @@ from dicom_net import (
     dcmtk,
     free_port,
     netns_unavailable_reason,
-    private_netns,
     store_files,
     tiny_study,
     wait_for,
@@ -36,13 +35,6 @@ if _REASON is not None:
 
 MB = 1 << 20
 A700 = 0xA700
-
-
-@pytest.fixture(scope="module")
-def netns():
-    host = os.readlink("/proc/thread-self/ns/net")
-    with private_netns():
-        yield host
 
 
 def _start_with_umask(proc: NodeProcess, umask: int = 0o022) -> NodeProcess:
