@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -132,6 +133,9 @@ class Node:
         self.spool.lock()
         try:
             self.queue = JobQueue(self.spool.db_path, input_modalities=input_modalities(self.options.model))
+            if self.options.file_mode is not None:  # SQLite creates its files with 0o644 less the umask
+                for path in self.spool.root.glob(f"{self.spool.db_path.name}*"):
+                    os.chmod(path, self.options.file_mode)
             recover_spool(self.spool, self.queue)
             timing = {"idle_seconds": self.options.idle_seconds, "max_wait_seconds": self.options.max_wait_seconds}
             self.queue.set_meta("timing", json.dumps(timing))

@@ -9,6 +9,7 @@ is ``done`` without running the model or sending (a resend, a series that is not
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -166,6 +167,8 @@ class Worker:
         except Exception as exc:
             return self._fail(job, f"segmentation failed: {type(exc).__name__}: {exc}", exc_info=True)
         for entry in outputs.values():
+            if self.options.file_mode is not None:  # the writer gave 0o666 less the umask
+                os.chmod(entry["path"], self.options.file_mode)
             entry["path"] = str(Path(entry["path"]).relative_to(self.spool.root))
         logger.info(
             "job %d: outputs written",

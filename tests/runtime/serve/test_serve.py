@@ -10,7 +10,6 @@ the SEG (exact), and the phantom ground truth for Dice (tolerance named in the t
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import time
@@ -464,13 +463,8 @@ def test_a_pet_that_comes_late_a_resend_a_new_series_and_a_requeue(netns, orthan
     )
     pacs = {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
     destinations = [pacs, {"ae_title": "TPS", "host": "127.0.0.1", "port": tps_port, "outputs": ["rtstruct"]}]
-    old_umask = os.umask(0o022)
-    try:
-        proc = _worker_node(
-            orthanc, tmp_path / "node", idle_seconds=idle, max_wait_seconds=600, destination=destinations
-        ).start()
-    finally:
-        os.umask(old_umask)
+    config = {"idle_seconds": idle, "max_wait_seconds": 600, "destination": destinations, "file_mode": "0640"}
+    proc = _worker_node(orthanc, tmp_path / "node", **config).start()
     try:
         assert set(store_files(ct_files, proc.port)) == {0}
         wait_for(lambda: proc.status()["waiting"], 30, "the study to wait for its PET")
@@ -482,8 +476,8 @@ def test_a_pet_that_comes_late_a_resend_a_new_series_and_a_requeue(netns, orthan
         v1 = wait_for(lambda: (j := _job(proc, study_uid)) and j["state"] == "done" and j, 240, "version 1 done")
         assert (len(_outputs_in(orthanc, study_uid, "SEG")), len(_outputs_in(orthanc, study_uid, "RTSTRUCT"))) == (1, 1)
         assert sorted(v1["outputs"]) == ["rtstruct", "seg"]
-        for entry in v1["outputs"].values():  # the node's files honour the umask (0644 under 022)
-            assert (proc.spool / entry["path"]).stat().st_mode & 0o777 == 0o644
+        for entry in v1["outputs"].values():  # file_mode (the umask's 0644: test_serve_limits, test_dicom_rtstruct)
+            assert (proc.spool / entry["path"]).stat().st_mode & 0o777 == 0o640
 
         # The PET again (a sender's retry): recorded as duplicates, nothing new
         assert set(store_files(pet_files, proc.port)) == {0}

@@ -241,6 +241,8 @@ def test_file_mode_is_honoured(mode_node) -> None:
     stored = _files(proc.spool)
     assert len(stored) == len(files)
     assert {p.stat().st_mode & 0o777 for p in stored} == {0o640}
+    queue_files = list(proc.spool.glob("queue.sqlite*"))
+    assert queue_files and {p.stat().st_mode & 0o777 for p in queue_files} == {0o640}
 
 
 def test_serve_log_rotates_at_log_max_mb_keeping_log_backups(mode_node) -> None:
