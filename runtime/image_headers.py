@@ -284,9 +284,12 @@ def _nrrd(path: Path) -> HeaderLayout | None:
 def _metaimage(path: Path) -> HeaderLayout:
     fields: dict[str, str] = {}
     end = None
+    bad_line: str | None = None
     with open(path, "rb") as fh:
         while fh.tell() < _HEADER_MAX and (line := fh.readline(_HEADER_MAX)):
             key, sep, value = line.decode("latin-1").partition("=")
+            if not sep and key.strip() and bad_line is None:
+                bad_line = key.strip()[:80]
             if sep:
                 fields[key.strip()] = value.strip()
                 if key.strip() == "ElementDataFile":  # the last field: the data follow
@@ -296,6 +299,8 @@ def _metaimage(path: Path) -> HeaderLayout:
         text = fh.read(64)
     if "NDims" not in fields and "ObjectType" not in fields and not (text.isascii() and b"\0" not in text):
         raise ValueError(f"{path}: cannot read image: not a MetaImage file (no NDims or ObjectType line)")
+    if bad_line is not None:  # MetaIO misreads such a line: a crash (free(): invalid pointer), found by fuzzing
+        raise _damaged(path, f"the line {bad_line!r} is not 'Key = Value'")
     if end is None or "DimSize" not in fields:
         raise ValueError(
             f"{path}: the file is truncated: its MetaImage header ends after {format_bytes(path.stat().st_size)} "

@@ -260,6 +260,18 @@ def test_metaimage_element_spacing_is_checked(tmp_path, fmt, value):
         read_volume(path)
 
 
+@pytest.mark.parametrize("fmt", ["mha raw", "mhd raw"])
+@pytest.mark.parametrize("where", ["first", "later"])
+def test_metaimage_header_line_without_a_value_is_refused(tmp_path, fmt, where):
+    """``NDims`` with no ``= value``: SimpleITK's MetaIO reader then frees an invalid pointer (found by fuzzing)."""
+    path, _ = _write(tmp_path, fmt)
+    text = path.read_bytes()
+    text = b"NDims\n" + text if where == "first" else re.sub(rb"NDims = \S+", b"NDims ", text, count=1)
+    path.write_bytes(text)
+    with pytest.raises(ValueError, match=r"the header is damaged: the line 'NDims' is not 'Key = Value'"):
+        read_volume(path)
+
+
 @pytest.mark.parametrize("fmt", ["nrrd raw", "mha raw"])
 def test_spacing_missing_from_the_header_is_refused(tmp_path, fmt):
     path, _ = _write(tmp_path, fmt)
