@@ -15,6 +15,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from export_helpers import MODALITIES, PATCH, diffusion, export
 
 from diffseg.export.architectures import MonaiDenoiser, build_model
 from diffseg.export.checkpoints import CheckpointError, load_checkpoint, load_weights
@@ -27,20 +28,15 @@ from diffseg.export.cli_support import (
 )
 from diffseg.export.contract_checks import ContractError, check_denoiser
 from diffseg.export.onnx_export import ExportError
-from diffseg.export.package import DEFAULT_SAMPLING, build_package
+from diffseg.export.package import DEFAULT_SAMPLING
 from diffseg.export.reference import ReferenceSettings, ddim_pairs, gaussian_map, reference_sample
 from diffseg.export.unet import DiffusionUNet3D, UNetConfig
 from diffseg.runtime.diffusion_schedule import TIMESTEP_SPACINGS, SamplerOptions, SchedulerConfig, timestep_pairs
 from diffseg.runtime.sampling import sample_step_major
 from diffseg.runtime.sliding_window import WindowOptions
 
-PATCH = (16, 16, 16)
 # TorchScript models are built here only to be refused; torch deprecates torch.jit.script itself.
 JIT_DEPRECATED = "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
-MODALITIES = [
-    {"code": "PT", "unit": "SUVbw", "normalisation": {"clip": [0, 20], "offset": 0, "scale": 0.2}},
-    {"code": "CT", "unit": "HU", "normalisation": {"clip": [-250, 250], "offset": 0, "scale": 0.004}},
-]
 MONAI_CFG = {
     "architecture": "monai-diffusion-unet",
     "model": {
@@ -53,34 +49,6 @@ MONAI_CFG = {
         "num_head_channels": 8,
     },
 }
-
-
-def diffusion(out_channels: int = 1) -> dict:
-    return {
-        "num_train_timesteps": 1000,
-        "beta_schedule": "linear",
-        "beta_start": 1e-4,
-        "beta_end": 0.02,
-        "prediction_type": "epsilon",
-        "output_channels": out_channels,
-        "prediction_channel": 0,
-        "clip_sample": True,
-        "clip_range": 1.0,
-    }
-
-
-def export(model, tmp_path, name="pkg", out_channels=1, patch=PATCH):
-    return build_package(
-        model,
-        tmp_path / name,
-        name=name,
-        modalities=MODALITIES,
-        spacing_mm=2.0,
-        patch_size=patch,
-        channel_order="image-first",
-        diffusion=diffusion(out_channels),
-        architecture={"type": "test"},
-    )
 
 
 def assert_nothing_written(tmp_path, name="pkg"):

@@ -40,6 +40,7 @@ __all__ = [
     "netns_unavailable_reason",
     "private_netns",
     "send_raw",
+    "serve_options",
     "store_files",
     "tiny_study",
     "wait_for",
@@ -517,3 +518,17 @@ def encoded_copy(source: Path, target: Path, encoder) -> str:
             done = subprocess.run([*encoder, str(plain), str(out)], capture_output=True, text=True, timeout=60)
             assert done.returncode == 0, done.stderr
     return study_uid
+
+
+def serve_options(spool_dir: Path, **overrides):
+    """Node options for an in-process node (AE ``NODE``, calling AE ``PACS``, free ports), with ``overrides``."""
+    from diffseg.runtime.serve import Destination, ServeOptions
+
+    values = dict(
+        ae_title="NODE",
+        port=free_port(),
+        allowed_calling_aets=("PACS",),
+        destination=Destination(ae_title="ORTHANC", host="127.0.0.1", port=free_port()),
+        spool_dir=spool_dir,
+    )
+    return ServeOptions(**{**values, **overrides})

@@ -26,13 +26,14 @@ from dicom_net import (
     free_port,
     netns_unavailable_reason,
     send_raw,
+    serve_options,
     store_files,
     tiny_study,
     wait_for,
 )
 from pydicom.uid import generate_uid
 
-from diffseg.runtime.serve import Destination, Node, ServeOptions, Spool, output_uids
+from diffseg.runtime.serve import Node, Spool, output_uids
 
 pytestmark = pytest.mark.dicom_net
 
@@ -106,13 +107,7 @@ def test_accepted_sockets_have_tcp_nodelay(netns, tmp_path: Path) -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    options = ServeOptions(
-        ae_title="NODE",
-        port=free_port(),
-        allowed_calling_aets=("PACS",),
-        destination=Destination(ae_title="ORTHANC", host="127.0.0.1", port=free_port()),
-        spool_dir=tmp_path / "spool",
-    )
+    options = serve_options(tmp_path / "spool")
     node = Node(options, run_worker=False).start()
     try:
         client = AE(ae_title="PACS")

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_net import NodeProcess, dcmtk, encoded_copy, free_port, netns_unavailable_reason
+from dicom_net import NodeProcess, dcmtk, encoded_copy, free_port, netns_unavailable_reason, serve_options
 
 from diffseg.runtime.dicom import codecs, read_pet_ct
-from diffseg.runtime.serve import Destination, JobQueue, ServeOptions, Spool
+from diffseg.runtime.serve import JobQueue, Spool
 
 pytestmark = pytest.mark.dicom_net
 
@@ -152,13 +152,7 @@ def test_the_node_offers_only_what_it_decodes_storescu_is_refused(netns, origina
         "PresentationContext2 = PositronEmissionTomographyImageStorage\\SV1\n"
         "[[Profiles]]\n[SV1Only]\nPresentationContexts = SV1Only\n"
     )
-    options = ServeOptions(
-        ae_title="NODE",
-        port=free_port(),
-        allowed_calling_aets=("PACS",),
-        destination=Destination(ae_title="ORTHANC", host="127.0.0.1", port=free_port()),
-        spool_dir=tmp_path / "spool",
-    )
+    options = serve_options(tmp_path / "spool")
     spool = Spool(options.spool_dir).create()
     queue = JobQueue(spool.db_path)
     scp = StorageSCP(options, spool, queue)

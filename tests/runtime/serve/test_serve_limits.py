@@ -20,12 +20,13 @@ from dicom_net import (
     dcmtk,
     free_port,
     netns_unavailable_reason,
+    serve_options,
     store_files,
     tiny_study,
     wait_for,
 )
 
-from diffseg.runtime.serve import Destination, JobQueue, ServeOptions, Spool
+from diffseg.runtime.serve import JobQueue, Spool
 
 pytestmark = pytest.mark.dicom_net
 
@@ -169,14 +170,7 @@ def test_uploads_stream_into_the_spool_and_a_cut_upload_is_removed(netns, tmp_pa
         raise AssertionError("the upload did not stream into the spool")
 
     monkeypatch.setattr(StorageSCP, "_adopt", no_fallback)
-    options = ServeOptions(
-        ae_title="NODE",
-        port=free_port(),
-        allowed_calling_aets=("PACS",),
-        destination=Destination(ae_title="ORTHANC", host="127.0.0.1", port=free_port()),
-        spool_dir=tmp_path / "spool",
-        min_free_disk_mb=0,
-    )
+    options = serve_options(tmp_path / "spool", min_free_disk_mb=0)
     spool = Spool(options.spool_dir).create()
     queue = JobQueue(spool.db_path)
     scp = StorageSCP(options, spool, queue)
