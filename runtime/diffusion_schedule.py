@@ -51,6 +51,9 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 CHANNEL_ORDERS = ("image_first", "noisy_first")
+# final x -> probability (plan.probability_of): affine clip((x + 1)/2, 0, 1); sigmoid 1/(1 + e^-x); softmax over
+# the targets (two or more)
+SAMPLE_ACTIVATIONS = ("affine", "sigmoid", "softmax")
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,10 @@ class SamplerOptions:
         num_samples: ensemble members K, run together in the batch dimension.
         channel_order: ``image_first`` (``[image..., x_t]``) or ``noisy_first`` (``[x_t, image...]``); the
             manifest's ``image-first``/``noisy-first`` are accepted and stored with an underscore.
+        activation: how a sample's final x becomes a probability (the model's; see :data:`SAMPLE_ACTIVATIONS`):
+            ``affine`` clip((x + 1)/2, 0, 1) (the mask trained in [−1, 1]), ``sigmoid`` (Diff-UNet's reading of x0),
+            or ``softmax`` over the targets.
+        targets: the model's noisy channels T (one mask each); x_t holds T rows per sample.
         seed: seed of the case's ``np.random.Generator``.
         threads: threads for the numpy work between engine calls (0 = min(8, CPU count)); results do not depend
             on it.
@@ -173,6 +180,8 @@ class SamplerOptions:
     eps_convention: str = "raw"
     num_samples: int = 5
     channel_order: str = "image_first"
+    activation: str = "affine"
+    targets: int = 1
     seed: int = 0
     threads: int = 0
 
@@ -190,6 +199,11 @@ class SamplerOptions:
             raise ValueError(f"num_samples must be an int >= 1, got {self.num_samples!r}")
         object.__setattr__(self, "channel_order", str(self.channel_order).replace("-", "_"))  # manifest: image-first
         _check_choice("channel_order", self.channel_order, CHANNEL_ORDERS)
+        _check_choice("activation", self.activation, SAMPLE_ACTIVATIONS)
+        if isinstance(self.targets, bool) or not isinstance(self.targets, int) or self.targets < 1:
+            raise ValueError(f"targets must be an int >= 1, got {self.targets!r}")
+        if self.activation == "softmax" and self.targets < 2:
+            raise ValueError("activation softmax needs at least two targets (over one channel it is always 1)")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:

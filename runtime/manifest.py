@@ -1,4 +1,8 @@
-"""The model package: ``manifest.json`` (schema 1) plus its engine files, checked on load.
+"""The model package: ``manifest.json`` (schema 2, or 1) plus its engine files, checked on load.
+
+Schema 2 (:mod:`diffseg.runtime.model_contract`) names the inputs by modality code with their normalisation, the
+targets, the output activation and the blending; a schema 1 manifest reads as the same contract (its
+``modalities`` as required inputs, one tumour target, the affine activation, Gaussian blending).
 
 A package is a folder or a ``.zip`` of one, or the name of a package shipped under ``diffseg/models`` (``default``).
 Every file listed in the manifest is checked against its sha256 before anything is loaded.
@@ -17,6 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from .diffusion_schedule import CHANNEL_ORDERS, SamplerOptions, SchedulerConfig
+from .model_contract import (
+    BLENDINGS,
+    MORPHOLOGICALLY_ABNORMAL,
+    NEOPLASM,
+    ContractError,
+    InputSpec,
+    TargetSpec,
+    check_activation,
+    engine_output_channels,
+    parse_inputs,
+    parse_targets,
+    reference_input,
+)
 from .preprocess import CandidateRule, Normalisation
 
 __all__ = [
@@ -30,7 +47,11 @@ __all__ = [
     "shipped_models",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
+# "torch": a state dict for an architecture of diffseg's registry; "torch_export": a ``torch.export`` program (.pt2)
+# that the torch backend runs with no registry.
+ENGINE_FORMATS = ("onnx", "torch", "torch_export")
 _NUMBER = (int, float)
 # The JSON type each ``defaults`` key must have (the keys allowed). ``_TYPED_HERE`` are typed here (``float()``
 # would take a string; ``samples`` is ``num_samples`` in ``SamplerOptions``' messages), the others by
@@ -77,7 +98,7 @@ class EngineFile:
 
     key: str
     path: Path
-    format: str  # "onnx" or "torch" (state dict for the torch backend)
+    format: str  # one of ENGINE_FORMATS
     precision: str
     opset: int | None
     sha256: str
@@ -85,12 +106,21 @@ class EngineFile:
 
 @dataclass(frozen=True)
 class Manifest:
-    """The validated contents of ``manifest.json`` (``raw`` keeps the whole document)."""
+    """The validated contents of ``manifest.json`` (``raw`` keeps the whole document).
+
+    Attributes:
+        inputs: the image inputs in channel order (:class:`~diffseg.runtime.model_contract.InputSpec`).
+        targets: the K noisy channels (:class:`~diffseg.runtime.model_contract.TargetSpec`).
+        activation: final x → probability (``affine``, ``sigmoid``, ``softmax``).
+        blending: the sliding window's importance map (``gaussian``, ``constant``).
+    """
 
     name: str
     version: str
-    modalities: tuple[str, ...]
-    normalisation: Mapping[str, Normalisation]
+    inputs: tuple[InputSpec, ...]
+    targets: tuple[TargetSpec, ...]
+    activation: str
+    blending: str
     spacing_mm: float
     patch_size: tuple[int, int, int]
     channel_order: str
@@ -99,12 +129,35 @@ class Manifest:
     raw: Mapping[str, Any]
 
     @property
+    def modalities(self) -> tuple[str, ...]:
+        """The inputs' modality codes, in channel order."""
+        return tuple(s.code for s in self.inputs)
+
+    @property
+    def normalisation(self) -> dict[str, Normalisation]:
+        return {s.code: s.normalisation for s in self.inputs}
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """The codes of the inputs the model cannot run without."""
+        return tuple(s.code for s in self.inputs if not s.optional)
+
+    @property
+    def reference(self) -> str:
+        """The input whose grid the outputs lie on (the CT if any, else the first required input)."""
+        return reference_input(self.inputs)
+
+    def input_named(self, code: str) -> InputSpec:
+        return next(s for s in self.inputs if s.code == code)
+
+    @property
     def in_channels(self) -> int:
-        return len(self.modalities) + 1
+        return len(self.inputs) + len(self.targets)
 
     @property
     def output_channels(self) -> int:
-        return int(self.diffusion["output_channels"])
+        """The engine's output channels (:func:`~diffseg.runtime.model_contract.engine_output_channels`)."""
+        return engine_output_channels(len(self.targets), int(self.diffusion["output_channels"]))
 
 
 @dataclass(frozen=True)
@@ -198,22 +251,47 @@ def _normalisation(entry: Mapping[str, Any], code: str, w: str) -> Normalisation
         raise ManifestError(f"{w}: {exc}") from None
 
 
-def parse_manifest(doc: Mapping[str, Any], where: str) -> Manifest:
-    """Validate a manifest document; each bad field raises ``ManifestError`` naming it."""
-    version = _need(doc, "schema_version", where, int)
-    if version != SCHEMA_VERSION:
-        raise ManifestError(f"{where}: schema_version {version} is not supported (this runtime reads {SCHEMA_VERSION})")
+def _v1_inputs(doc: Mapping[str, Any], where: str) -> tuple[InputSpec, ...]:
+    """Schema 1's ``modalities``: CT and PT only, each with clip/offset/scale, all required."""
     modalities_doc = _need(doc, "modalities", where, list)
     if not modalities_doc:
         raise ManifestError(f"{where}: field 'modalities' must list at least one modality")
-    modalities, norms = [], {}
+    specs: list[InputSpec] = []
     for i, entry in enumerate(modalities_doc):
         w = f"{where}: modalities[{i}]"
         code = _need(entry, "code", w, str)
         if code not in ("CT", "PT"):
             raise ManifestError(f"{w}: code must be CT or PT, got {code!r}")
-        norms[code] = _normalisation(entry, code, w)
-        modalities.append(code)
+        norm = _normalisation(entry, code, w)
+        specs.append(InputSpec(code, code, entry.get("unit"), None, False, 0.0, norm))
+    return tuple(specs)
+
+
+def _contract(doc: Mapping[str, Any], version: int, where: str) -> tuple[tuple[InputSpec, ...], tuple, str, str]:
+    """(inputs, targets, activation, blending) of either schema."""
+    if version == 1:
+        return _v1_inputs(doc, where), (TargetSpec("tumour", MORPHOLOGICALLY_ABNORMAL, NEOPLASM),), "affine", "gaussian"
+    try:
+        inputs = parse_inputs(_need(doc, "inputs", where, list), where)
+        targets = parse_targets(_need(doc, "targets", where, list), where)
+        activation = check_activation(_need(doc, "activation", where, str), targets, where)
+    except ContractError as exc:
+        raise ManifestError(str(exc)) from None
+    blending = doc.get("blending", "gaussian")
+    if blending not in BLENDINGS:
+        raise ManifestError(f"{where}: blending must be one of {list(BLENDINGS)}, got {blending!r}")
+    return inputs, targets, activation, blending
+
+
+def parse_manifest(doc: Mapping[str, Any], where: str) -> Manifest:
+    """Validate a manifest document (schema 1 or 2); each bad field raises ``ManifestError`` naming it."""
+    version = _need(doc, "schema_version", where, int)
+    if version not in READABLE_SCHEMAS:
+        raise ManifestError(
+            f"{where}: schema_version {version} is not supported (this runtime reads {list(READABLE_SCHEMAS)})"
+        )
+    inputs, targets, activation, blending = _contract(doc, version, where)
+    modalities = tuple(s.code for s in inputs)
     spacing = float(_need(doc, "spacing_mm", where, _NUMBER))
     if not (math.isfinite(spacing) and spacing > 0):
         raise ManifestError(f"{where}: spacing_mm must be > 0, got {spacing}")
@@ -226,16 +304,24 @@ def parse_manifest(doc: Mapping[str, Any], where: str) -> Manifest:
     diff = _need(doc, "diffusion", where, dict)
     _check_types(diff, f"{where}: diffusion", DIFFUSION_TYPES)
     try:  # the scheduler's own check: one source of truth for keys, enums and ranges
-        SchedulerConfig.from_dict(diff)
+        config = SchedulerConfig.from_dict(diff)
     except (TypeError, ValueError) as exc:
         raise ManifestError(f"{where}: diffusion: {exc}") from None
-    defaults = _check_defaults(_need(doc, "defaults", where, dict), f"{where}: defaults", tuple(modalities), patch)
+    if len(targets) > 1 and (config.output_channels != 1 or config.prediction_channel != 0):
+        raise ManifestError(
+            f"{where}: diffusion: a model of {len(targets)} targets predicts target c in output channel c "
+            f"(output_channels 1 per target, prediction_channel 0, no learned variance); got output_channels "
+            f"{config.output_channels}, prediction_channel {config.prediction_channel}"
+        )
+    defaults = _check_defaults(_need(doc, "defaults", where, dict), f"{where}: defaults", modalities, patch)
     _need(doc, "files", where, dict)
     return Manifest(
         name=_need(doc, "name", where, str),
         version=str(_need(doc, "version", where, str)),
-        modalities=tuple(modalities),
-        normalisation=norms,
+        inputs=inputs,
+        targets=targets,
+        activation=activation,
+        blending=blending,
         spacing_mm=spacing,
         patch_size=tuple(patch),
         channel_order=order,
@@ -310,8 +396,8 @@ def load_package(model: str | Path, verify: bool = True) -> ModelPackage:
         if verify and sha256_of(fpath) != digest:
             raise ManifestError(f"{w}: sha256 of {fpath.name} does not match the manifest (file altered or corrupt)")
         fmt = entry.get("format", "onnx")
-        if fmt not in ("onnx", "torch"):
-            raise ManifestError(f"{w}: format must be onnx or torch, got {fmt!r}")
+        if fmt not in ENGINE_FORMATS:
+            raise ManifestError(f"{w}: format must be one of {list(ENGINE_FORMATS)}, got {fmt!r}")
         opset = int(_need(entry, "opset", w, int)) if fmt == "onnx" else None
         files[key] = EngineFile(key, fpath, fmt, _need(entry, "precision", w, str), opset, digest)
     return ModelPackage(root, manifest, files)

@@ -1,8 +1,9 @@
 """From scanner images to the model grid and back: physical-space resampling and the manifest's normalisation.
 
-The model grid is axis-aligned (identity direction) with the manifest's isotropic spacing and covers the CT's
-physical extent; PET and CT are both resampled onto it in physical space, whatever their own grids and
-orientations. Results go back onto the CT's own grid. Training (``diffseg.export``) uses these same functions, so
+The model grid is axis-aligned (identity direction) with the manifest's isotropic spacing and covers the physical
+extent of the reference input (the CT when the model takes one, else its first required input); every input is
+resampled onto it in physical space, whatever its own grid and orientation. Results go back onto the reference's
+own grid. Training (``diffseg.export``) uses these same functions, so
 the model sees at run time exactly what it saw in training.
 """
 
@@ -29,33 +30,137 @@ __all__ = [
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
+NORMALISATIONS = ("clip_scale", "dataset_zscore", "zscore")
+ZSCORE_REGIONS = ("image", "nonzero")
+_NORM_KEYS = {
+    "clip_scale": {"method", "clip", "offset", "scale"},
+    "dataset_zscore": {"method", "clip", "mean", "std"},
+    "zscore": {"method", "region", "percentiles"},
+}
+
+
+def _number(entry: Mapping[str, object], key: str, modality: str) -> float:
+    value = entry.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+        raise ValueError(f"normalisation of {modality}: {key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _pair(entry: Mapping[str, object], key: str, modality: str) -> tuple[float, float]:
+    value = entry.get(key)
+    ok = isinstance(value, list | tuple) and len(value) == 2
+    if not ok or any(isinstance(v, bool) or not isinstance(v, int | float) for v in value):  # type: ignore[union-attr]
+        raise ValueError(f"normalisation of {modality}: {key} must be [low, high], got {value!r}")
+    low, high = (float(v) for v in value)  # type: ignore[union-attr]
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ValueError(f"normalisation of {modality}: {key} needs finite low < high, got {value!r}")
+    return low, high
+
+
 @dataclass(frozen=True)
 class Normalisation:
-    """``(clip(value, low, high) - offset) * scale`` for one modality (from the manifest)."""
+    """How one input's raw values become its channel (the manifest's ``normalisation``), one of three methods:
+
+    - ``clip_scale``: ``(clip(v, low, high) − offset) · scale`` (schema 1's only method);
+    - ``dataset_zscore``: ``(clip(v, low, high) − mean) / std`` with the training set's figures (nnU-Net's CT
+      normalisation: clip at the foreground's 0.5 and 99.5 percentiles, then the foreground's mean and std): the
+      same formula as ``clip_scale`` with offset = mean, scale = 1/std;
+    - ``zscore``: per case, ``(v − mean) / std`` over ``region`` (``image``: every voxel of the model grid;
+      ``nonzero``: the voxels ≠ 0, the others set to 0, as nnU-Net does for MR), after clipping at the case's own
+      ``percentiles`` (e.g. [0.5, 99.5]) when given. The figures are taken on the whole model grid (before the body
+      crop), so that training and inference see the same numbers.
+
+    Attributes:
+        method: one of ``NORMALISATIONS``.
+        low, high: the clip bounds (``clip_scale``, ``dataset_zscore``; ±inf for ``zscore``).
+        offset, scale: subtracted, then multiplied (``zscore``: 0 and 1 until :meth:`fitted`).
+        region: ``zscore`` only: where the figures are taken.
+        percentiles: ``zscore`` only: the case's percentiles to clip at first, or None.
+        zero_outside: the voxels outside ``region`` become 0 (``zscore`` with ``nonzero``).
+    """
 
     low: float
     high: float
     offset: float
     scale: float
+    method: str = "clip_scale"
+    region: str = "image"
+    percentiles: tuple[float, float] | None = None
+    zero_outside: bool = False
 
     @classmethod
     def from_manifest(cls, entry: Mapping[str, object], modality: str) -> Normalisation:
-        try:
-            low, high = (float(v) for v in entry["clip"])  # type: ignore[union-attr]
-            norm = cls(low, high, float(entry["offset"]), float(entry["scale"]))  # type: ignore[arg-type]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"normalisation of {modality} needs clip [low, high], offset, scale; got {entry}") from exc
-        if not low < high or norm.scale == 0:
-            raise ValueError(f"normalisation of {modality}: need low < high and scale != 0, got {entry}")
-        return norm
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"normalisation of {modality} must be an object, got {entry!r}")
+        method = entry.get("method", "clip_scale")
+        if method not in NORMALISATIONS:
+            raise ValueError(
+                f"normalisation of {modality}: method must be one of {list(NORMALISATIONS)}, got {method!r}"
+            )
+        unknown = sorted(set(entry) - _NORM_KEYS[str(method)])
+        missing = sorted(_NORM_KEYS[str(method)] - {"method", "region", "percentiles"} - set(entry))
+        if unknown or missing:
+            raise ValueError(
+                f"normalisation of {modality} ({method}) takes {sorted(_NORM_KEYS[str(method)])}; "
+                f"unknown {unknown}, missing {missing}"
+            )
+        if method == "zscore":
+            region = entry.get("region", "image")
+            if region not in ZSCORE_REGIONS:
+                raise ValueError(
+                    f"normalisation of {modality}: region must be one of {list(ZSCORE_REGIONS)}, got {region!r}"
+                )
+            pct = _pair(entry, "percentiles", modality) if entry.get("percentiles") is not None else None
+            if pct is not None and not (0.0 <= pct[0] and pct[1] <= 100.0):
+                raise ValueError(f"normalisation of {modality}: percentiles must lie in [0, 100], got {list(pct)}")
+            return cls(-np.inf, np.inf, 0.0, 1.0, "zscore", str(region), pct, region == "nonzero")
+        low, high = _pair(entry, "clip", modality)
+        if method == "dataset_zscore":
+            std = _number(entry, "std", modality)
+            if std <= 0:
+                raise ValueError(f"normalisation of {modality}: std must be > 0, got {std}")
+            return cls(low, high, _number(entry, "mean", modality), 1.0 / std, "dataset_zscore")
+        scale = _number(entry, "scale", modality)
+        if scale == 0:
+            raise ValueError(f"normalisation of {modality}: scale must be != 0, got {entry}")
+        return cls(low, high, _number(entry, "offset", modality), scale)
+
+    @property
+    def fill(self) -> float:
+        """The raw value of a voxel outside the input's field of view: its lowest clip bound (air, no uptake), or 0
+        for ``zscore`` (the background of an MR)."""
+        return 0.0 if self.method == "zscore" else self.low
+
+    def fitted(self, array: np.ndarray) -> Normalisation:
+        """This normalisation with the case's figures in it (``zscore``: the clip at the case's percentiles and the
+        mean and std over the region of ``array``, the whole model grid); the others as they are.
+
+        Raises:
+            ValueError: the region is empty or constant (no z-score exists).
+        """
+        if self.method != "zscore":
+            return self
+        values = array[array != 0] if self.region == "nonzero" else array.reshape(-1)
+        if values.size == 0:
+            raise ValueError(f"z-score normalisation over the {self.region} voxels: the image has none")
+        low, high = (-np.inf, np.inf)
+        if self.percentiles is not None:
+            low, high = (float(v) for v in np.percentile(values, self.percentiles))
+            values = np.clip(values, low, high)
+        mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
+        if not std > 1e-8 * max(abs(mean), 1.0):
+            raise ValueError(f"z-score normalisation: the image is constant ({mean:g}) over its {self.region} voxels")
+        return Normalisation(low, high, mean, 1.0 / std, "zscore", self.region, self.percentiles, self.zero_outside)
 
 
 def normalise(array: np.ndarray, norm: Normalisation, out: np.ndarray | None = None) -> np.ndarray:
-    """Apply a modality's normalisation in float32 (in place into ``out`` when given)."""
+    """Apply a fitted normalisation (:meth:`Normalisation.fitted`) in float32 (in place into ``out`` when given)."""
     out = np.empty(array.shape, dtype=np.float32) if out is None else out
     np.clip(array, norm.low, norm.high, out=out, casting="unsafe")
     out -= np.float32(norm.offset)
     out *= np.float32(norm.scale)
+    if norm.zero_outside:
+        out[array == 0] = 0.0
     return out
 
 
@@ -149,38 +254,52 @@ def prepare_input(
     *,
     candidate: CandidateRule | None = None,
     crop_to_body: bool = True,
+    reference: str = "CT",
+    absent: Mapping[str, float] | None = None,
 ) -> ModelInput:
-    """Resample every modality onto the CT-derived model grid, crop to the body and normalise it.
+    """Resample every input onto the model grid of the reference input, crop to the body and normalise it.
 
     Args:
-        volumes: images by modality code (``"CT"``, ``"PT"``); the CT defines the model grid.
-        modalities: channel order (the manifest's ``modalities``).
+        volumes: images by modality code (``"CT"``, ``"PT"``, ``"MR"``, ...).
+        modalities: channel order (the manifest's inputs).
         norms: normalisation per modality.
         spacing_mm: the model grid spacing.
         candidate: the rule that marks voxels worth sampling (None: all).
-        crop_to_body: crop to :func:`body_box` of the CT (training keeps the whole grid).
+        crop_to_body: crop to :func:`body_box` of the CT when there is one (training keeps the whole grid).
+        reference: the input whose extent the model grid covers (``model_contract.reference_input``).
+        absent: optional inputs that may be missing, with the normalised value of their channel then.
 
     Raises:
-        ValueError: no CT, a modality missing, or a PET without uptake where the CT is.
+        ValueError: the reference or a required input missing, a PET without uptake where the CT is, or an image
+            whose z-score does not exist (empty or constant).
     """
-    if "CT" not in volumes:
-        raise ValueError(f"a CT is required to define the model grid; got modalities {sorted(volumes)}")
-    missing = [m for m in modalities if m not in volumes]
+    absent = absent or {}
+    if reference not in volumes:
+        raise ValueError(f"the {reference} image is required: it defines the model grid; got {sorted(volumes)}")
+    missing = [m for m in modalities if m not in volumes and m not in absent]
     if missing:
-        raise ValueError(f"the model needs modalities {list(modalities)}; missing {missing}")
-    grid = model_grid_for(volumes["CT"], spacing_mm)
-    # Outside its field of view a modality reads as its lowest normalised value (air / no uptake).
-    raw = {m: resample_to(volumes[m], grid, "linear", default=norms[m].low).array for m in modalities}
+        raise ValueError(f"the model needs the inputs {list(modalities)}; missing {missing}")
+    grid = model_grid_for(volumes[reference], spacing_mm)
+    present = [m for m in modalities if m in volumes]
+    # Outside its field of view an input reads as its fill value (air, no uptake, MR background).
+    raw = {m: resample_to(volumes[m], grid, "linear", default=norms[m].fill).array for m in present}
     if "PT" in raw and float(raw["PT"].max(initial=0.0)) <= 0.0:
         raise ValueError(
-            "the PET holds no uptake on the CT's field of view: PET and CT do not overlap in space (check that both "
-            "come from the same study and that their origins and directions were exported with the images)"
+            f"the PET holds no uptake on the {reference}'s field of view: PET and {reference} do not overlap in space "
+            "(check that both come from the same study and that their origins and directions were exported with the "
+            "images)"
         )
+    fitted = {m: norms[m].fitted(raw[m]) for m in present}  # z-score figures over the whole grid, before the crop
     whole = (slice(0, grid.shape[0]), slice(0, grid.shape[1]), slice(0, grid.shape[2]))
     box = body_box(raw["CT"]) if crop_to_body and "CT" in raw else whole
     shape = tuple(b.stop - b.start for b in box)
     image = np.empty((len(modalities), *shape), dtype=np.float32)
     for c, modality in enumerate(modalities):
-        normalise(raw[modality][box], norms[modality], out=image[c])
+        if modality in raw:
+            normalise(raw[modality][box], fitted[modality], out=image[c])
+        else:
+            image[c].fill(np.float32(absent[modality]))
+    if candidate is not None and candidate.modality not in raw:
+        raise ValueError(f"the candidate rule reads the {candidate.modality} image, which is absent")
     mask = None if candidate is None else raw[candidate.modality][box] >= np.float32(candidate.min_value)
     return ModelInput(image, grid, box, mask)
