@@ -11,6 +11,7 @@ import csv
 import io
 import os
 import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,22 +33,38 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 @dataclass(frozen=True)
 class Case:
-    """One case to segment: ``ct`` and ``pet`` are image files or DICOM folders (``pet`` None: one study folder)."""
+    """One case to segment: ``ct`` and ``pet`` are image files or DICOM folders (``pet`` None: one study folder, or a
+    model without a PET); ``images`` the model's other inputs by modality code."""
 
     case_id: str
-    ct: Path
+    ct: Path | None
     pet: Path | None
+    images: Mapping[str, Path] = field(default_factory=dict)
 
 
 @dataclass
 class LoadedCase:
-    """A case as read: its volumes, the DICOM study they came from, and the input checks overridden on the way."""
+    """A case as read: its volumes by modality code, the DICOM study they came from, and the input checks
+    overridden on the way."""
 
-    ct: Volume
-    pet: Volume
-    study: object | None = None  # a PetCtStudy for DICOM input (used to write DICOM SEG)
+    volumes: dict[str, Volume]
+    study: object | None = None  # a PetCtStudy for DICOM PET/CT input (used to write DICOM SEG)
     overrides: tuple[str, ...] = ()  # each input check overridden while reading, said in words
     sources: dict[str, str] = field(default_factory=dict)  # what to call each input in messages, by modality
+    reference: str = "CT"  # the input whose grid the outputs lie on
+
+    @property
+    def ct(self) -> Volume | None:
+        return self.volumes.get("CT")
+
+    @property
+    def pet(self) -> Volume | None:
+        return self.volumes.get("PT")
+
+    @property
+    def grid_volume(self) -> Volume:
+        """The reference input (the outputs lie on its grid)."""
+        return self.volumes[self.reference]
 
 
 def _image_named(folder: Path, stem: str) -> Path | None:
@@ -340,27 +357,55 @@ def select_part(cases: list[Case], num_parts: int, part_id: int) -> list[Case]:
     return sorted(cases, key=lambda c: c.case_id)[part_id::num_parts]
 
 
-def load_case(ct: Path, pet: Path | None, *, checks: InputChecks | None = None) -> LoadedCase:
-    """Read a case: two image files, two DICOM series folders, or one DICOM study folder (``pet`` None).
+def _read_image_input(code: str, path: Path, checks: InputChecks) -> tuple[Volume, str, tuple[str, ...]]:
+    """One input given by itself: an image file, or a DICOM folder holding exactly one series of modality ``code``
+    (volume, what to call it, overrides)."""
+    if not path.is_dir():
+        return read_volume(path), str(path), ()
+    from .dicom.study import read_single_series
+
+    loaded, info = read_single_series(path, code, force_units=checks.force_units)
+    return loaded.volume, f"{code} series {info.series_instance_uid}", tuple(loaded.overrides)
+
+
+def load_case(
+    ct: Path | None,
+    pet: Path | None,
+    *,
+    images: Mapping[str, Path] | None = None,
+    modalities: Sequence[str] = ("PT", "CT"),
+    checks: InputChecks | None = None,
+) -> LoadedCase:
+    """Read a case: image files, DICOM series folders, or one DICOM PET/CT study folder (``pet`` None).
 
     Args:
-        ct: CT image file or DICOM series folder, or a DICOM study folder.
-        pet: PET image file or DICOM series folder; None with a study folder.
+        ct: CT image file or DICOM series folder, or a DICOM study folder (PET/CT models); None: no CT.
+        pet: PET image file or DICOM series folder; None with a study folder, or for a model without a PET.
+        images: the other inputs by modality code (``{"MR": path}``): image files or DICOM folders holding one series
+            of that modality.
+        modalities: the model's input codes: a model without a PT input reads ``ct`` as one CT (file or series).
         checks: the overrides of the input checks (None: none); DICOM SUV attributes used as written under
             ``force_units`` are recorded in ``study.overrides``.
     """
     checks = checks or InputChecks()
-    if pet is not None and ct.is_file() and pet.is_file():
-        return LoadedCase(read_volume(ct), read_volume(pet), sources={"CT": str(ct), "PT": str(pet)})
+    given = {code: p for code, p in {"CT": ct, "PT": pet, **(images or {})}.items() if p is not None}
+    if not given:
+        raise ValueError("no input image given")
+    petct_study = ct is not None and pet is None and ct.is_dir() and "PT" in modalities and "PT" not in given
+    if not petct_study and not (ct is not None and pet is not None and ct.is_dir() and pet.is_dir()):
+        if ct is not None and pet is not None and ct.is_dir() != pet.is_dir():
+            raise ValueError(f"--ct {ct} and --pet {pet} must both be image files or both DICOM series folders")
+        volumes, sources, overrides = {}, {}, []
+        for code, path in given.items():
+            volumes[code], sources[code], more = _read_image_input(code, path, checks)
+            overrides += more
+        return LoadedCase(volumes, overrides=tuple(overrides), sources=sources)
     from .dicom import read_pet_ct
 
-    if pet is None:
-        if not ct.is_dir():
-            raise ValueError(f"{ct}: a single input must be a DICOM study folder holding a CT and a PET series")
-        study = read_pet_ct(ct, force_units=checks.force_units)
-    else:
-        if not (ct.is_dir() and pet.is_dir()):
-            raise ValueError(f"--ct {ct} and --pet {pet} must both be image files or both DICOM series folders")
-        study = read_pet_ct((ct, pet), force_units=checks.force_units)
+    study = read_pet_ct(ct if pet is None else (ct, pet), force_units=checks.force_units)  # type: ignore[arg-type]
     sources = {"CT": f"CT series {study.ct_series_uid}", "PT": f"PT series {study.pet_series_uid}"}
-    return LoadedCase(study.ct, study.pet, study, tuple(study.overrides), sources)
+    volumes, overrides = {"CT": study.ct, "PT": study.pet}, list(study.overrides)
+    for code, path in (images or {}).items():
+        volumes[code], sources[code], more = _read_image_input(code, path, checks)
+        overrides += more
+    return LoadedCase(volumes, study, tuple(overrides), sources)

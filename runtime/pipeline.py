@@ -25,11 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 from .cases import LoadedCase, load_case
 from .input_checks import InputChecks, check_inputs
+from .model_contract import TargetSpec
 from .outputs import WriteOptions, write_outputs
 from .postprocess import postprocess
 from .preprocess import ModelInput, prepare_input, resample_to
 from .result import SampleCounts, SegmentationResult, SegmentOptions
 from .sampling import LOOP_ORDERS, SampleResult
+from .targets import combine_targets
 from .volume import Volume, read_volume
 
 if TYPE_CHECKING:
@@ -90,6 +92,8 @@ def sample(
     loop = LOOP_ORDERS[options.loop_order]
     backend = segmenter.backend
     kwargs: dict[str, Any] = {"candidate": model_input.candidate, "on_call": progress}
+    if backend.conditioner is not None:
+        kwargs["condition"] = backend.conditioner
     if options.device_loop:
         kwargs["device_ops"] = backend.device_ops
     return loop(model_input.image, backend.run, segmenter.scheduler_config, sampler, options.window, **kwargs)
@@ -105,6 +109,7 @@ class PreparedCase:
         seed: the case's noise seed.
         overrides: every input check overridden, reading included, said in words.
         timings: seconds of the ``read`` and ``prepare`` stages.
+        targets: the model's targets, in channel order.
     """
 
     loaded: LoadedCase
@@ -112,6 +117,33 @@ class PreparedCase:
     seed: int
     overrides: tuple[str, ...]
     timings: dict[str, float]
+    targets: tuple[TargetSpec, ...] = ()
+
+
+def _how_to_give(code: str) -> str:
+    return {"CT": "--ct PATH", "PT": "--pet PATH"}.get(code, f"--image {code}=PATH")
+
+
+def check_input_set(manifest: Manifest, volumes: Mapping[str, Volume], sources: Mapping[str, str]) -> None:
+    """Refuse a case whose inputs are not the model's: a required input missing, or one the model does not take.
+
+    Raises:
+        ValueError: naming the model, the input missing (and how to give it) or the one it would not use.
+    """
+    given = ", ".join(f"{c} ({sources.get(c, c)})" for c in volumes) or "none"
+    missing = [s for s in manifest.inputs if not s.optional and s.code not in volumes]
+    if missing:
+        needs = ", ".join(f"{s.name} ({_how_to_give(s.code)})" for s in missing)
+        raise ValueError(
+            f"model {manifest.name!r} needs {needs}; given: {given}. Its inputs: "
+            + ", ".join(s.name + (" (optional)" if s.optional else "") for s in manifest.inputs)
+        )
+    unused = [c for c in volumes if c not in manifest.modalities]
+    if unused:
+        raise ValueError(
+            f"model {manifest.name!r} takes {', '.join(manifest.modalities)}, not {', '.join(unused)}: leave "
+            f"{' and '.join(sources.get(c, c) for c in unused)} out (given: {given})"
+        )
 
 
 def prepare_case(
@@ -134,18 +166,26 @@ def prepare_case(
         read_seconds: time spent reading (the ``read`` stage).
     """
     stages = _Stages(read_seconds)
-    volumes = {"CT": loaded.ct} if loaded.pet is None else {"CT": loaded.ct, "PT": loaded.pet}
-    volumes, overrides = check_inputs(volumes, loaded.sources, checks or InputChecks())
-    loaded = replace(loaded, ct=volumes["CT"], pet=volumes.get("PT"))
+    check_input_set(manifest, loaded.volumes, loaded.sources)
+    volumes, overrides = check_inputs(loaded.volumes, loaded.sources, checks or InputChecks())
+    loaded = replace(loaded, volumes=volumes, reference=manifest.reference)
+    absent = {s.code: s.missing_value for s in manifest.inputs if s.optional}
     try:
         model_input = prepare_input(
-            volumes, manifest.modalities, manifest.normalisation, manifest.spacing_mm, candidate=options.candidate
+            volumes,
+            manifest.modalities,
+            manifest.normalisation,
+            manifest.spacing_mm,
+            candidate=options.candidate,
+            reference=manifest.reference,
+            absent=absent,
         )
     except ValueError as exc:  # about the inputs together (overlap, a missing modality): name them all
         raise ValueError(f"{' and '.join(loaded.sources.get(c, c) for c in volumes)}: {exc}") from None
     stages.lap("prepare")
     seed = options.sampler.seed if seed is None else int(seed)
-    return PreparedCase(loaded, model_input, seed, (*loaded.overrides, *overrides), stages.seconds)
+    targets = tuple(manifest.targets)
+    return PreparedCase(loaded, model_input, seed, (*loaded.overrides, *overrides), stages.seconds, targets)
 
 
 def finish_case(
@@ -166,13 +206,21 @@ def finish_case(
     """
     stages = _Stages()
     stages.seconds = {**prepared.timings, "sample": sample_seconds}
-    ct_grid = prepared.loaded.ct.grid
+    ct_grid = prepared.loaded.grid_volume.grid
     uncrop = prepared.model_input.uncrop
     s = samples
-    probability, uncertainty, entropy = (resample_to(uncrop(a), ct_grid, "linear") for a in (s.mean, s.std, s.entropy))
     pet = prepared.loaded.pet
     pet_on_ct = None if pet is None else resample_to(pet, ct_grid, "linear", default=0.0)
-    post = postprocess(probability, pet_on_ct, options.postprocess)
+    if len(prepared.targets) > 1:  # [T, *volume] maps: each target on its own, then combined
+        per_target = [
+            [resample_to(uncrop(a[c]), ct_grid, "linear") for c in range(len(a))] for a in (s.mean, s.std, s.entropy)
+        ]
+        post = combine_targets(prepared.targets, *per_target, pet_on_ct, options.postprocess)
+        probability, uncertainty, entropy, targets = post.probability, post.uncertainty, post.entropy, post.targets
+    else:
+        maps = (resample_to(uncrop(a), ct_grid, "linear") for a in (s.mean, s.std, s.entropy))
+        probability, uncertainty, entropy = maps
+        post, targets = postprocess(probability, pet_on_ct, options.postprocess), ()
     stages.lap("postprocess")
     options = replace(options, sampler=replace(options.sampler, seed=prepared.seed))
     counts = SampleCounts(
@@ -183,6 +231,9 @@ def finish_case(
         patch_forwards=s.patch_forwards,
         engine_seconds=s.engine_seconds,
         sampler_seconds=s.total_seconds,
+        condition_calls=s.condition_calls,
+        condition_forwards=s.condition_forwards,
+        condition_seconds=s.condition_seconds,
     )
     return SegmentationResult(
         mask=post.mask,
@@ -198,6 +249,7 @@ def finish_case(
         timings=stages.seconds,
         engine_log=s.engine_log,
         overrides=prepared.overrides,
+        targets=targets,
     )
 
 
@@ -250,9 +302,10 @@ def segment_loaded(
 
 def segment_volumes(
     segmenter: Segmenter,
-    ct: Volume | str | Path,
+    ct: Volume | str | Path | None,
     pet: Volume | str | Path | None,
     *,
+    images: Mapping[str, Volume | str | Path] | None = None,
     seed: int | None = None,
     progress: Callable[[int], None] | None = None,
     checks: InputChecks | None = None,
@@ -261,20 +314,22 @@ def segment_volumes(
 
     Args:
         segmenter: the loaded model, backend and options.
-        ct: CT in HU (Volume or image file).
+        ct: CT in HU (Volume or image file); None for a model without a CT input.
         pet: PET in SUVbw on its own grid (Volume or image file); None for a model without a PET input.
+        images: the other inputs by modality code (``{"MR": ...}``), each a Volume or an image file.
         seed: this case's noise seed (None: the segmenter's).
         progress: called with the number of finished engine calls after each call.
         checks: the overrides of the input checks (None: none).
 
     Raises:
-        ValueError, FileNotFoundError: unreadable or implausible inputs, an input the model needs missing, or
-            inputs that do not overlap.
+        ValueError, FileNotFoundError: unreadable or implausible inputs, an input the model needs missing (or one
+            it does not take), or inputs that do not overlap.
     """
     start = time.perf_counter()
-    inputs = (("CT", "ct", ct), ("PT", "pet", pet))
-    sources = {code: str(v) if isinstance(v, str | Path) else name for code, name, v in inputs}
-    loaded = LoadedCase(_as_volume(ct, "ct"), None if pet is None else _as_volume(pet, "pet"), sources=sources)
+    given = {code: v for code, v in {"CT": ct, "PT": pet, **(images or {})}.items() if v is not None}
+    sources = {code: str(v) if isinstance(v, str | Path) else code for code, v in given.items()}
+    volumes = {code: _as_volume(v, code) for code, v in given.items()}
+    loaded = LoadedCase(volumes, sources=sources)
     read_seconds = time.perf_counter() - start
     return segment_loaded(segmenter, loaded, seed=seed, progress=progress, checks=checks, read_seconds=read_seconds)
 
@@ -298,10 +353,11 @@ class CaseOutput:
 
 def segment_files(
     segmenter: Segmenter,
-    ct: Path,
+    ct: Path | None,
     pet: Path | None,
     out_dir: Path,
     *,
+    images: Mapping[str, Path] | None = None,
     case_id: str = "case",
     write: WriteOptions | None = None,
     seed: int | None = None,
@@ -312,8 +368,10 @@ def segment_files(
 
     Args:
         segmenter: the loaded model, backend and options.
-        ct: CT image file or DICOM series folder, or a DICOM study folder holding CT and PET (``pet`` None).
-        pet: PET image file (SUVbw) or DICOM series folder; None with a study folder.
+        ct: CT image file or DICOM series folder, or a DICOM study folder holding CT and PET (``pet`` None); None
+            for a model without a CT.
+        pet: PET image file (SUVbw) or DICOM series folder; None with a study folder or for a model without a PET.
+        images: the other inputs by modality code (image files or DICOM folders of one series).
         out_dir: where the outputs go (created).
         case_id: recorded in the report.
         write: which outputs to write (None: all).
@@ -325,10 +383,13 @@ def segment_files(
         ValueError, FileNotFoundError: unreadable or implausible inputs.
     """
     start = time.perf_counter()
-    loaded = load_case(ct, pet, checks=checks)
+    manifest = segmenter.package.manifest
+    loaded = load_case(ct, pet, images=images, modalities=manifest.modalities, checks=checks)
+    loaded = replace(loaded, reference=manifest.reference)
     read_seconds = time.perf_counter() - start
     result = segment_loaded(segmenter, loaded, seed=seed, progress=progress, checks=checks, read_seconds=read_seconds)
-    return write_case(result, loaded, out_dir, case_id=case_id, ct=ct, pet=pet, write=write)
+    inputs = {"ct": ct, "pet": pet, **{code.lower(): path for code, path in (images or {}).items()}}
+    return write_case(result, loaded, out_dir, case_id=case_id, inputs=inputs, write=write)
 
 
 def write_case(
@@ -337,8 +398,7 @@ def write_case(
     out_dir: Path,
     *,
     case_id: str,
-    ct: str | Path,
-    pet: str | Path | None,
+    inputs: Mapping[str, str | Path | None],
     write: WriteOptions | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> CaseOutput:
@@ -349,7 +409,7 @@ def write_case(
         loaded: the case as read (the CT the preview lies on, the DICOM study a SEG refers to).
         out_dir: where the outputs go (created).
         case_id: recorded in the report.
-        ct, pet: the inputs as given, recorded in the report.
+        inputs: the inputs as given (``ct``, ``pet``, others by lower-case code), recorded in the report.
         write: which outputs to write (None: all).
         extra: more report fields after ``case_id`` and ``inputs`` (the Ray runner's options).
 
@@ -357,10 +417,12 @@ def write_case(
         ValueError: an output path that leaves ``out_dir``.
         OSError: a write failed (the message names the file).
     """
-    fields: dict[str, Any] = {"case_id": case_id, "inputs": {"ct": str(ct), "pet": None if pet is None else str(pet)}}
+    given = {name: None if path is None else str(path) for name, path in inputs.items()}
+    fields: dict[str, Any] = {"case_id": case_id, "inputs": given}
     fields.update(extra or {})
     start = time.perf_counter()
-    paths, report = write_outputs(result, out_dir, ct=loaded.ct, study=loaded.study, options=write, extra=fields)
+    grid = loaded.grid_volume
+    paths, report = write_outputs(result, out_dir, ct=grid, study=loaded.study, options=write, extra=fields)
     write_seconds = time.perf_counter() - start
     logger.info("case %s: %d lesion(s), %.2f ml", case_id, len(result.lesions), result.total_volume_ml)
     return CaseOutput(result, paths, report, write_seconds)

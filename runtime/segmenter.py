@@ -64,6 +64,8 @@ def resolve_options(
         eps_convention=d.get("eps_convention", "raw"),
         num_samples=_override(o.get("samples"), d["samples"]),
         channel_order=manifest.channel_order,
+        activation=manifest.activation,
+        targets=len(manifest.targets),
         seed=_override(o.get("seed"), d.get("seed", 0)),
     )
     batch_size = o.get("batch_size")
@@ -75,6 +77,7 @@ def resolve_options(
         patch_size=tuple(manifest.patch_size),
         overlap=float(_override(o.get("overlap"), d["overlap"])),
         batch_size=batch_size or 2 * sampler.num_samples,
+        mode=manifest.blending,
         retire_after=retire_after,
     )
     post = PostprocessOptions(
@@ -188,9 +191,10 @@ class Segmenter:
 
     def predict(
         self,
-        ct: Volume | str | Path,
-        pet: Volume | str | Path | None,
+        ct: Volume | str | Path | None = None,
+        pet: Volume | str | Path | None = None,
         *,
+        images: Mapping[str, Volume | str | Path] | None = None,
         seed: int | None = None,
         progress: Callable[[int], None] | None = None,
         checks: InputChecks | None = None,
@@ -198,21 +202,23 @@ class Segmenter:
         """Segment one case (:func:`diffseg.runtime.pipeline.segment_volumes`).
 
         Args:
-            ct: CT in HU (Volume or image file).
-            pet: PET in SUVbw on its own grid (Volume or image file).
+            ct: CT in HU (Volume or image file); None for a model without a CT input.
+            pet: PET in SUVbw on its own grid (Volume or image file); None for a model without a PET input.
+            images: the model's other inputs by modality code (``{"MR": "t1.nii.gz"}``).
             seed: this case's noise seed (None: the Segmenter's).
             progress: called with the number of finished engine calls after each call.
             checks: the overrides of the input checks (None: none); each use is in ``result.overrides``.
 
         Raises:
-            ValueError, FileNotFoundError: unreadable or implausible inputs, or inputs that do not overlap.
+            ValueError, FileNotFoundError: unreadable or implausible inputs, an input the model needs missing (the
+                message names it) or one it does not take, or inputs that do not overlap.
             RuntimeError: the segmenter was closed.
         """
         from .pipeline import segment_volumes
 
         if self.closed:
             raise RuntimeError("this Segmenter was closed; create a new one to segment more cases")
-        return segment_volumes(self, ct, pet, seed=seed, progress=progress, checks=checks)
+        return segment_volumes(self, ct, pet, images=images, seed=seed, progress=progress, checks=checks)
 
 
 def describe_timings(timings: Mapping[str, float]) -> str:

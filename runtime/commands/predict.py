@@ -9,6 +9,8 @@ from pathlib import Path
 DESCRIPTION = """Segment tumours in PET/CT.
 
 One case:   diffseg predict --ct CT --pet PET -o OUT     (image files, or two DICOM series folders)
+            diffseg predict --image MR=t1.nii.gz -o OUT  (a model with other inputs: one --image CODE=PATH each;
+                                                          a CT-only model takes --ct alone)
 A cohort:   diffseg predict -i FOLDER_OR_CSV -o OUT      (case folders with ct.*/pet.* or DICOM; or CSV case_id,ct,pet)
 
 Per case: mask.nii.gz, probability.nii.gz, uncertainty.nii.gz (std over samples), entropy.nii.gz, lesions.json,
@@ -25,6 +27,19 @@ logger = logging.getLogger("diffseg")
 # heavy (tests/runtime/dicom/test_dicom_rtstruct.py checks that the two agree).
 DICOM_OUTPUT_NAMES = ("seg", "rtstruct", "labelmap", "fractional")
 DEFAULT_DICOM_OUTPUTS = ("seg", "rtstruct")
+
+
+def image_arg(text: str) -> tuple[str, Path]:
+    """``--image CODE=PATH`` → (code, path); the code as DICOM writes a modality (CT, PT, MR, ...)."""
+    import re
+
+    code, sep, path = text.partition("=")
+    if not sep or not path or not re.fullmatch(r"[A-Z0-9_]{1,16}", code):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give CODE=PATH with the modality code in capitals as the model's manifest names it "
+            "(e.g. MR=t1.nii.gz)"
+        )
+    return code, Path(path)
 
 
 def dicom_outputs_arg(text: str) -> tuple[str, ...]:
@@ -109,6 +124,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_argument_group("input (one of)")
     src.add_argument("--ct", type=Path, help="CT image file or DICOM series folder")
     src.add_argument("--pet", type=Path, help="PET image file (SUV) or DICOM series folder")
+    src.add_argument(
+        "--image",
+        type=image_arg,
+        action="append",
+        default=[],
+        metavar="CODE=PATH",
+        help="an input of the model by its modality code (MR=t1.nii.gz), an image file or a DICOM folder holding one "
+        "series of that modality; repeat for each input (CT=... and PT=... are --ct and --pet)",
+    )
     src.add_argument("-i", "--input", type=Path, help="cohort: folder of cases, a study folder, or a CSV")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     parser.add_argument("--num-parts", type=int, default=1, help="split the cohort into this many parts")
@@ -207,11 +231,40 @@ def segment_case(segmenter, case, out_dir: Path, progress: bool, label: str, che
 
     try:
         output = segment_files(
-            segmenter, case.ct, case.pet, out_dir, case_id=case.case_id, write=write, progress=tick, checks=checks
+            segmenter,
+            case.ct,
+            case.pet,
+            out_dir,
+            images=case.images,
+            case_id=case.case_id,
+            write=write,
+            progress=tick,
+            checks=checks,
         )
         return output.report
     finally:
         bar.close()
+
+
+def single_case_images(args: argparse.Namespace) -> dict[str, Path]:
+    """The ``--image`` inputs by code (CT and PT folded into ``args.ct``/``args.pet``), each checked to exist.
+
+    Raises:
+        ValueError: a code given twice (or as --ct/--pet and --image too).
+        FileNotFoundError: a path that does not exist.
+    """
+    images: dict[str, Path] = {}
+    for code, path in args.image:
+        flag = {"CT": "ct", "PT": "pet"}.get(code)
+        if code in images or (flag and getattr(args, flag) is not None):
+            raise ValueError(f"--image {code}=...: the {code} input is given twice")
+        if not path.exists():
+            raise FileNotFoundError(f"--image {code}={path}: no such file or folder")
+        if flag:
+            setattr(args, flag, path)
+        else:
+            images[code] = path
+    return images
 
 
 def run(args: argparse.Namespace) -> int:
@@ -221,10 +274,11 @@ def run(args: argparse.Namespace) -> int:
     from diffseg.runtime.output_paths import case_is_done, case_output_dir
     from diffseg.runtime.outputs import REPORT_NAME
 
-    if args.input is not None and (args.ct or args.pet):
-        raise ValueError("give either -i/--input or --ct and --pet, not both")
-    if args.input is None and not (args.ct and args.pet):
-        raise ValueError("give --ct and --pet (one case) or -i FOLDER_OR_CSV (a cohort)")
+    images = single_case_images(args)
+    if args.input is not None and (args.ct or args.pet or images):
+        raise ValueError("give either -i/--input or the inputs of one case (--ct, --pet, --image), not both")
+    if args.input is None and not (args.ct or args.pet or images):
+        raise ValueError("give the inputs of one case (--ct and --pet, or --image CODE=PATH) or -i FOLDER_OR_CSV")
     for name in ("ct", "pet"):
         path = getattr(args, name)
         if path is not None and not path.exists():
@@ -235,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.input is None:
         segmenter = make_segmenter(args)
-        case = Case("case", args.ct, args.pet)
+        case = Case("case", args.ct, args.pet, images)
         report = segment_case(
             segmenter, case, args.output, not args.no_progress, "case", input_checks(args), write_options(args)
         )

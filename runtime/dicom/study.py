@@ -11,7 +11,7 @@ from ..volume import Volume
 from .errors import DicomInputError
 from .scan import SeriesInfo, scan_dicom, skipped_summary
 from .select import CT_RULES, PET_RULES, SeriesRules, select_series
-from .series import LoadOptions, read_series
+from .series import LoadedSeries, LoadOptions, read_series
 from .suv import SuvConversion
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def _require(candidates: list[SeriesInfo], modality: str, where: str, skipped: s
         return
     found = "; ".join(s.describe() for s in candidates)
     also = f" ({skipped})" if skipped else ""
-    what = "PET" if modality == "PT" else "CT"
+    what = {"PT": "PET", "CT": "CT"}.get(modality, modality)
     among = ", or it is among the files skipped" if skipped else ""
     raise DicomInputError(
         f"{where}: found {found} but no {modality} series{also}; the {what} may not have been sent yet{among} (or "
@@ -245,3 +245,21 @@ def read_pet_ct(
         pet_series=pet_info,
         overrides=(*ct.overrides, *pet.overrides),
     )
+
+
+def read_single_series(
+    folder: str | Path, modality: str, options: LoadOptions | None = None, *, force_units: bool = False
+) -> tuple[LoadedSeries, SeriesInfo]:
+    """Read the one series of ``modality`` under ``folder`` (a model input given by itself: a CT for a CT-only model,
+    an MR), selected as a PET/CT study's series are (``CT_RULES``, ``PET_RULES``, else the modality's defaults).
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        DicomInputError: unreadable files, no series of ``modality`` (the message names what the folder holds), an
+            ambiguous choice, or a series that cannot be read whole.
+    """
+    rules = {"CT": CT_RULES, "PT": PET_RULES}.get(modality) or SeriesRules(modality=modality)
+    candidates, skipped = _scan(Path(folder), f"{modality} folder", False)
+    _require(candidates, modality, f"{modality} folder {folder}", skipped)
+    info = select_series(candidates, rules)
+    return read_series(info, options or LoadOptions(), force_units=force_units), info

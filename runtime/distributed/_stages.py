@@ -149,7 +149,8 @@ def read_prepare(
     try:
         start = time.perf_counter()
         with _working_dir(spec):
-            loaded = load_case(Path(spec.ct), None if spec.pet is None else Path(spec.pet), checks=checks)
+            pet = None if spec.pet is None else Path(spec.pet)
+            loaded = load_case(Path(spec.ct), pet, modalities=manifest.modalities, checks=checks)
             read_seconds = time.perf_counter() - start
             prepared = prepare_case(manifest, options, loaded, checks=checks, read_seconds=read_seconds)
         work = time.perf_counter() - start
@@ -230,8 +231,7 @@ def finish_write(row: dict[str, Any], *, write: WriteOptions | None, extra: Mapp
                 prepared.loaded,
                 Path(spec.out_dir),
                 case_id=spec.case_id,
-                ct=spec.ct,
-                pet=spec.pet,
+                inputs={"ct": spec.ct, "pet": spec.pet},
                 write=write,
                 extra=extra,
             )

@@ -169,7 +169,7 @@ class SegmenterPipeline:
         from diffseg.runtime.pipeline import load_case
 
         start = time.perf_counter()
-        loaded = load_case(study_dir, None)
+        loaded = load_case(study_dir, None)  # the node serves PET/CT models (SEG and RTSTRUCT refer to the study)
         study = loaded.study
         if study is None:
             raise RuntimeError(f"{study_dir}: the spool folder did not read as a DICOM study")
@@ -199,7 +199,9 @@ class SegmenterPipeline:
         )
         result = segment_loaded(self.segmenter, study.case, read_seconds=study.seconds)
         source = study.case.sources.get("CT", str(out_dir))
-        case = write_case(result, study.case, out_dir, case_id=f"study v{version}", ct=source, pet=None, write=write)
+        case = write_case(
+            result, study.case, out_dir, case_id=f"study v{version}", inputs={"ct": source, "pet": None}, write=write
+        )
         outputs = {}
         for kind, u in uids.items():
             path = case.paths.get(f"dicom_{kind}")
