@@ -7,7 +7,7 @@ DICOM outputs (for DICOM input; ``WriteOptions.dicom_outputs``), each a fixed fi
 ======================  ========================  ======================================================
 kind                    file                      what
 ======================  ========================  ======================================================
-``seg``                 ``seg.dcm``               BINARY SEG of the mask (one segment, the tumour)
+``seg``                 ``seg.dcm``               BINARY SEG of the mask (one segment, the tumour; one per target)
 ``rtstruct``            ``rtstruct.dcm``          RTSTRUCT: one ROI per lesion and one for the tumour
 ``labelmap``            ``seg_labelmap.dcm``      LABELMAP SEG, one segment per lesion (number = lesion id)
 ``fractional``          ``seg_fractional.dcm``    FRACTIONAL (PROBABILITY) SEG of ``result.probability``
@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 REPORT_NAME = "report.json"
+#: The maps written as NIfTI (for a model of several targets, also ``<map>_<target>.nii.gz`` for each target).
+MAP_NAMES = ("mask", "probability", "uncertainty", "entropy")
 #: The DICOM outputs :func:`write_outputs` can write, in the order it writes them.
 DICOM_OUTPUTS = ("seg", "rtstruct", "labelmap", "fractional")
 #: The file of each DICOM output, in the case's folder.
@@ -62,11 +64,15 @@ DICOM_PATH_KEYS = {kind: f"dicom_{kind}" for kind in DICOM_OUTPUTS}
 
 
 def lesions_csv(lesions: list[dict[str, Any]]) -> str:
+    """The lesion table as CSV; a model of several targets adds the ``target`` column after ``id``."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
+    by_target = any("target" in row for row in lesions)
     writer.writerow(
         [
-            *LESION_FIELDS[:3],
+            LESION_FIELDS[0],
+            *(["target"] if by_target else []),
+            *LESION_FIELDS[1:3],
             "centroid_x_mm",
             "centroid_y_mm",
             "centroid_z_mm",
@@ -79,6 +85,7 @@ def lesions_csv(lesions: list[dict[str, Any]]) -> str:
         writer.writerow(
             [
                 row["id"],
+                *([row["target"]] if by_target else []),
                 row["voxels"],
                 row["volume_ml"],
                 *row["centroid_mm"],
@@ -218,6 +225,12 @@ def _write_dicom(result: SegmentationResult, study: Any, opt: WriteOptions, unde
     paths: dict[str, Path] = {}
     seg_options = opt.seg_options or SegOptions()
     connectivity = result.options.postprocess.connectivity
+    targets = [t.target for t in result.targets]
+    if targets and "fractional" in opt.dicom_outputs:
+        raise ValueError(
+            f"a model of {len(targets)} targets has no one probability for a FRACTIONAL SEG: leave 'fractional' out "
+            "of dicom_outputs (probability_<target>.nii.gz hold each target's)"
+        )
     for kind in (k for k in DICOM_OUTPUTS if k in opt.dicom_outputs):
         series_uid, sop_uid = opt.uids(kind)
         path = under(DICOM_FILE_NAMES[kind])
@@ -241,6 +254,8 @@ def _write_dicom(result: SegmentationResult, study: Any, opt: WriteOptions, unde
                 extra = {"labels": result.labels, "lesions": list(result.lesions), "connectivity": connectivity}
             elif kind == "fractional":
                 extra = {"probability": result.probability}
+            elif targets:  # one segment per target
+                extra = {"targets": targets}
             seg_kind = "binary" if kind == "seg" else kind
             written = write_seg(result.mask, study, path, kind=seg_kind, options=options, **extra)
         paths[DICOM_PATH_KEYS[kind]] = written
@@ -284,8 +299,12 @@ def write_outputs(
 
     paths: dict[str, Path] = {}
     if opt.maps:
-        for name in ("mask", "probability", "uncertainty", "entropy"):
+        for name in MAP_NAMES:
             paths[name] = write_volume(getattr(result, name), under(f"{name}.nii.gz"))
+        for target in result.targets:  # several targets: each one's own maps beside the combined ones
+            for name in MAP_NAMES:
+                key = f"{name}_{target.name}"
+                paths[key] = write_volume(getattr(target, name), under(f"{key}.nii.gz"))
     if opt.tables:
         paths["lesions_json"] = write_json_atomic(under("lesions.json"), list(result.lesions))
         paths["lesions_csv"] = write_text_atomic(under("lesions.csv"), lesions_csv(list(result.lesions)))

@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 
 from .diffusion_schedule import SamplerOptions
+from .model_contract import TargetSpec
 from .postprocess import PostprocessOptions
 from .preprocess import CandidateRule
 from .sliding_window import WindowOptions
 from .volume import Volume
 
-__all__ = ["LOOP_ORDER_NAMES", "STAGES", "SampleCounts", "SegmentOptions", "SegmentationResult"]
+__all__ = ["LOOP_ORDER_NAMES", "STAGES", "SampleCounts", "SegmentOptions", "SegmentationResult", "TargetResult"]
 
 LOOP_ORDER_NAMES = ("step_major", "window_major")
 # Stages of one case, in order; each is timed by the pipeline (``write`` by the writer).
@@ -90,6 +91,8 @@ class SampleCounts:
         patch_forwards: patches run through the denoiser.
         engine_seconds: wall time inside the denoiser.
         sampler_seconds: wall time of the whole sampling loop.
+        condition_calls, condition_forwards, condition_seconds: the condition graph's calls, windows run and wall
+            time (0 for a model without one).
     """
 
     windows: int
@@ -99,6 +102,9 @@ class SampleCounts:
     patch_forwards: int
     engine_seconds: float
     sampler_seconds: float
+    condition_calls: int = 0
+    condition_forwards: int = 0
+    condition_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in vars(self).items()}
@@ -111,11 +117,41 @@ def _read_only(mapping: Mapping[str, float]) -> Mapping[str, float]:
 
 
 @dataclass(frozen=True)
-class SegmentationResult:
-    """One case's result; every image is on the CT's own grid.
+class TargetResult:
+    """One target's maps and lesions, for a model of several targets (``SegmentationResult.targets``).
 
     Attributes:
-        mask: uint8, 1 = tumour (after threshold and small-component removal).
+        target: the manifest's target (name, coded concepts for DICOM SEG).
+        mask: uint8, 1 = this target (its own threshold and small-component removal).
+        labels: its lesion ids (those of the case's lesion table).
+        probability, uncertainty, entropy: its mean probability, the samples' std, the binary entropy.
+        lesions: its rows of the case's lesion table.
+    """
+
+    target: TargetSpec
+    mask: Volume
+    labels: Volume
+    probability: Volume
+    uncertainty: Volume
+    entropy: Volume
+    lesions: tuple[dict[str, Any], ...]
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """One case's result; every image is on the reference input's own grid (the CT's for a PET/CT model).
+
+    For a model of several targets, ``targets`` holds each target's own maps and lesions and the top-level maps
+    combine them: ``mask`` is a target label map (c + 1 where target c is found; a voxel found for several goes to
+    the one of highest probability), ``labels`` and ``lesions`` every target's lesions (each row names its
+    ``target``), ``probability``, ``uncertainty`` and ``entropy`` the largest value over the targets.
+
+    Attributes:
+        mask: uint8, 1 = tumour (after threshold and small-component removal); a target label map with several.
         labels: lesion ids 1..n.
         probability: mean foreground probability over the samples.
         uncertainty: standard deviation of the samples' probabilities.
@@ -129,6 +165,7 @@ class SegmentationResult:
         timings: seconds per stage (:data:`STAGES` up to ``postprocess``; ``write`` is the writer's).
         engine_log: ``[calls, 4]`` (start, end, batch, timestep) of every engine call.
         overrides: every input check overridden for this case (``force_units``, ``nan_as``), said in words.
+        targets: each target's result, for a model of several targets; empty for one.
     """
 
     mask: Volume
@@ -144,6 +181,7 @@ class SegmentationResult:
     timings: Mapping[str, float]
     engine_log: np.ndarray = field(repr=False)
     overrides: tuple[str, ...] = ()
+    targets: tuple[TargetResult, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lesions", tuple(self.lesions))

@@ -60,6 +60,8 @@ class WindowOptions:
             not run again: from then on it predicts background, as a window without candidate tissue does. The last
             step is never skipped on account of a retirement that only it could decide.
         retire_level: the foreground probability (0 … 0.5) under which a voxel counts as background for retirement.
+        cache_conditioning: a model with a condition graph: compute each window's features once and reuse them at
+            every step and for every sample (False: again for every row of every engine call, as a paper's loop).
     """
 
     patch_size: tuple[int, ...] = (96, 96, 96)
@@ -72,6 +74,7 @@ class WindowOptions:
     input_cache_mb: float = 1024.0
     retire_after: int = 0
     retire_level: float = 0.01
+    cache_conditioning: bool = True
 
     def __post_init__(self) -> None:
         patch = tuple(int(p) for p in self.patch_size)

@@ -17,7 +17,7 @@ import importlib
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -141,8 +141,15 @@ class Backend(ABC):
         return None if precision in cls.precisions else f"supported: {list(cls.precisions)}"
 
     @abstractmethod
-    def run(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """One engine call: ``x`` [B, C, *patch] float32, ``t`` [B] float32 → ``y`` [B, out, *patch] float32."""
+    def run(self, x: np.ndarray, t: np.ndarray, features: Sequence[np.ndarray] = ()) -> np.ndarray:
+        """One engine call: ``x`` [B, C, *patch] float32, ``t`` [B] float32 (and, for a model with a condition
+        graph, its ``features`` of the rows' windows, each [B, ...]) → ``y`` [B, out, *patch] float32."""
+
+    @property
+    def conditioner(self) -> Callable[[np.ndarray], Sequence[np.ndarray]] | None:
+        """The package's condition graph ``condition(images [B, C_img, *patch]) → features`` on this engine, or None
+        when the model has none (the sampler then calls ``run(x, t)``)."""
+        return None
 
     @_refused_when_closed
     def device_ops(self, layout: DeviceLayout) -> DeviceOps:

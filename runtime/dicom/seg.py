@@ -130,7 +130,8 @@ class SegOptions:
                 raise ValueError(f"{name} must be 1-56 characters without a backslash, got {value!r}")
 
 
-def _segment_description(opt: SegOptions, number: int = 1, label: str | None = None):
+def _segment_description(opt: SegOptions, number: int = 1, label: str | None = None, target: Any = None):
+    """A segment: the tumour (or a lesion), or with ``target`` (a ``TargetSpec``) that target and its concepts."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -142,11 +143,17 @@ def _segment_description(opt: SegOptions, number: int = 1, label: str | None = N
     return hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=label or opt.segment_label,
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Neoplasm,
+        segmented_property_category=_coded(target.category) if target else codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=_coded(target.type) if target else codes.SCT.Neoplasm,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )
+
+
+def _coded(concept: Any):
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(concept.code, concept.scheme, concept.meaning)
 
 
 def _kind_of(kind: str | None, fractional: bool) -> str:
@@ -207,6 +214,7 @@ def write_seg(
     labels: Volume | None = None,
     lesions: Sequence[Mapping[str, Any]] | None = None,
     connectivity: int = 26,
+    targets: Sequence[Any] = (),
 ) -> Path:
     """Write a DICOM SEG of a result on the study's CT grid, referencing the CT series.
 
@@ -226,6 +234,8 @@ def write_seg(
         lesions: LABELMAP only: the lesion table (``SegmentationResult.lesions``), checked against the labels.
         connectivity: LABELMAP only: labels the mask when ``lesions`` come without ``labels`` (the
             postprocessing's connectivity).
+        targets: BINARY only, a model of several targets: their ``TargetSpec`` in order; ``mask`` is then the
+            target label map (c + 1 = target c) and each target is a segment (its name and coded concepts).
 
     Returns:
         ``path``.
@@ -242,6 +252,13 @@ def write_seg(
     kind = _kind_of(kind, fractional)
     fractional = kind == "fractional"
     values, lesion_ids = _checked_values(mask, probability, kind, labels, lesions, connectivity)
+    if targets:
+        if kind != "binary":
+            raise ValueError(f"targets are written in a BINARY SEG (kind='binary'), got kind {kind!r}")
+        found = int(mask.array.max(initial=0))
+        if found > len(targets):
+            raise ValueError(f"mask holds target {found}, but only {len(targets)} targets are given")
+        values = mask.with_array(mask.array.astype(np.uint8))
     try:
         align_to_grid(mask, study.ct)
         on_ct = align_to_grid(values, study.ct)
@@ -265,7 +282,7 @@ def write_seg(
         content_label=opt.content_label,
         content_description=opt.content_description,
         omit_empty_frames=omit_empty,
-        **_kind_arguments(opt, kind, lesion_ids),
+        **_kind_arguments(opt, kind, lesion_ids, targets),
     )
     seg.SeriesDescription = opt.series_description or _SERIES_DESCRIPTIONS[kind]
     expected = {"SOPInstanceUID": seg.SOPInstanceUID, "NumberOfFrames": seg.NumberOfFrames}
@@ -275,11 +292,12 @@ def write_seg(
     return path
 
 
-def _kind_arguments(opt: SegOptions, kind: str, lesion_ids: list[int]) -> dict[str, Any]:
+def _kind_arguments(opt: SegOptions, kind: str, lesion_ids: list[int], targets: Sequence[Any] = ()) -> dict[str, Any]:
     """highdicom's arguments that depend on the kind: the type, the segments, the fractional type."""
     import highdicom as hd
 
     descriptions = [_segment_description(opt, i, f"{opt.lesion_label_prefix} {i}") for i in lesion_ids]
+    descriptions += [_segment_description(opt, c + 1, t.name, t) for c, t in enumerate(targets)]
     out: dict[str, Any] = {
         "segmentation_type": hd.seg.SegmentationTypeValues(kind.upper()),
         "segment_descriptions": descriptions or [_segment_description(opt)],

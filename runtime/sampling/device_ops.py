@@ -47,6 +47,8 @@ class DeviceLayout:
         tasks: ``[n, 2]`` int64 (window, sample) of every task that is run, samples of a window side by side.
         starts: ``[n, 4]`` int64 (sample, z, y, x): where each task's window lies in x_t.
         skip_weight: Σ weight ``[*padded]`` of the windows that are never run (no candidate), None if all run.
+        targets: the model's noisy channels T: engine rows hold T noisy channels from ``noisy_channel`` on, the
+            output T predictions from channel 0, and x_t ``K·T`` rows, sample-major.
     """
 
     samples: int
@@ -65,11 +67,12 @@ class DeviceLayout:
     tasks: np.ndarray
     starts: np.ndarray
     skip_weight: np.ndarray | None
+    targets: int = 1
 
     @property
     def full(self) -> tuple[int, ...]:
-        """Shape of x_t and of the accumulator: ``(K, *padded)``."""
-        return (self.samples, *self.padded)
+        """Shape of x_t and of the accumulator: ``(K·T, *padded)``."""
+        return (self.samples * self.targets, *self.padded)
 
     def region(self, task: int) -> tuple[int | slice, ...]:
         """Index of a task's window in x_t: ``(sample, z-slice, y-slice, x-slice)``."""
@@ -90,19 +93,26 @@ class DeviceOps(ABC):
 
     Attributes:
         blends_variance: the executor can blend and step a learned-variance channel (DDPM ``learned_range``).
+        blends_targets: the executor runs models of T > 1 targets.
 
     Raises:
-        BackendUnavailableError: a learned-variance layout on an executor that cannot run it.
+        BackendUnavailableError: a learned-variance or multi-target layout on an executor that cannot run it.
     """
 
     blends_variance: ClassVar[bool] = False
+    blends_targets: ClassVar[bool] = False
 
     def __init__(self, layout: DeviceLayout) -> None:
-        if layout.variance_channel is not None and not self.blends_variance:
-            from ..backends.base import BackendUnavailableError
+        from ..backends.base import BackendUnavailableError
 
+        if layout.variance_channel is not None and not self.blends_variance:
             raise BackendUnavailableError(
                 f"{type(self).__name__} does not run DDPM with a learned variance; use the host loop (no device loop)"
+            )
+        if layout.targets > 1 and not self.blends_targets:
+            raise BackendUnavailableError(
+                f"{type(self).__name__} runs one target per model, this one has {layout.targets}; use the host loop "
+                "(no device loop)"
             )
         self.layout = layout
 

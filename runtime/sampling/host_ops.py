@@ -17,6 +17,7 @@ import numpy as np
 from ... import _ext
 from ..diffusion_steps import thread_map
 from ..scheduler import Scheduler
+from .conditioning import ConditionCache
 from .device_ops import DeviceLayout, DeviceOps
 
 __all__ = ["HostOps"]
@@ -33,9 +34,11 @@ class HostOps(DeviceOps):
         image_slices: the window slices of the tiling (``SlidingWindow.slices``).
         batch_size: tasks per engine call.
         cache_mb: the most MiB the cached engine rows may take.
+        conditioning: the features of a conditioned model's windows (None: the model has no condition graph).
     """
 
     blends_variance = True
+    blends_targets = True
 
     def __init__(
         self,
@@ -45,24 +48,34 @@ class HostOps(DeviceOps):
         image_slices: list[tuple[slice, ...]],
         batch_size: int,
         cache_mb: float,
+        conditioning: ConditionCache | None = None,
     ) -> None:
         super().__init__(layout)
         self.run, self.scheduler, self.slices, self.batch_size = engine, scheduler, image_slices, batch_size
+        self.conditioning = conditioning
+        self.batch_features: tuple[np.ndarray, ...] = ()
         self.threads = scheduler.threads
-        n = len(layout.tasks)
-        row_bytes = (layout.image_channels + 1) * int(np.prod(layout.patch)) * 4
+        n, targets = len(layout.tasks), layout.targets
+        row_bytes = (layout.image_channels + targets) * int(np.prod(layout.patch)) * 4
         self.cached = n * row_bytes <= cache_mb * 2**20
-        self.noisy = layout.noisy_channel
-        first = 0 if self.noisy == layout.image_channels else 1
+        self.noisy = slice(layout.noisy_channel, layout.noisy_channel + targets)
+        first = 0 if layout.noisy_channel == layout.image_channels else targets
         self.img_ch = slice(first, first + layout.image_channels)
+        self.pred = slice(layout.prediction_channel, layout.prediction_channel + targets)
+        var = layout.variance_channel
+        self.var = None if var is None else slice(var, var + 1)
         self.retired: list[list[int]] = [[] for _ in range(layout.samples)]  # per sample: its retired windows
-        self.products = [np.empty(layout.patch, np.float32) for _ in range(layout.samples)]
+        self.products = [np.empty((targets, *layout.patch), np.float32) for _ in range(layout.samples)]
         self.direct_x0 = scheduler.config.prediction_type == "sample"
         self.margin = None if layout.interior is None else ~layout.interior
 
     def _window(self, task: int) -> tuple[int, int]:
         w, i = self.layout.tasks[task].tolist()
         return int(w), int(i)
+
+    def _rows(self, i: int) -> slice:
+        """Sample i's rows of x_t (one per target)."""
+        return slice(i * self.layout.targets, (i + 1) * self.layout.targets)
 
     def begin(self, x_init: np.ndarray, image: np.ndarray) -> None:
         lay = self.layout
@@ -72,7 +85,7 @@ class HostOps(DeviceOps):
         n = len(lay.tasks)
         self.live = list(range(n))  # task ids in row order
         rows = n if self.cached else min(self.batch_size, max(n, 1))
-        self.rows = np.empty((rows, lay.image_channels + 1, *lay.patch), np.float32)
+        self.rows = np.empty((rows, lay.image_channels + lay.targets, *lay.patch), np.float32)
         if self.cached:
             thread_map(self._fill_image, range(n), self.threads)
 
@@ -81,21 +94,22 @@ class HostOps(DeviceOps):
         self.rows[j, self.img_ch] = self.image[(slice(None), *self.slices[w])]
 
     def _add_background(self, i: int, w: int, t: int) -> None:
-        region = (i, *self.slices[w])
+        region = (self._rows(i), *self.slices[w])
         self.scheduler.output_for_x0(-1.0, self.x[region], t, out=self.products[i])
         self.products[i] *= self.layout.weight
         self.acc[region] += self.products[i]
 
     def _reset_sample(self, i: int, t: int) -> None:
+        rows = self._rows(i)
         if self.layout.skip_weight is None:
-            self.acc[i].fill(0.0)
+            self.acc[rows].fill(0.0)
         else:  # skipped windows predict background: the output consistent with x0 = -1
-            self.scheduler.output_for_x0(-1.0, self.x[i], t, out=self.acc[i])
-            self.acc[i] *= self.layout.skip_weight
+            self.scheduler.output_for_x0(-1.0, self.x[rows], t, out=self.acc[rows])
+            self.acc[rows] *= self.layout.skip_weight
         for w in self.retired[i]:
             self._add_background(i, w, t)
         if self.acc_var is not None:
-            self.acc_var[i].fill(0.0)
+            self.acc_var[rows].fill(0.0)
 
     def reset(self, t: int, c_x: float, c_0: float) -> None:
         # The scheduler's output_for_x0 is c_x·x_t + c_0·x0 with these same coefficients.
@@ -109,13 +123,15 @@ class HostOps(DeviceOps):
             w, i = self._window(task)
             if not self.cached:
                 buf[j, self.img_ch] = self.image[(slice(None), *self.slices[w])]
-            buf[j, self.noisy] = self.x[(i, *self.slices[w])]
+            buf[j, self.noisy] = self.x[(self._rows(i), *self.slices[w])]
 
         thread_map(fill, list(enumerate(batch)), self.threads)
+        if self.conditioning is not None:
+            self.batch_features = self.conditioning.rows([self._window(task)[0] for task in batch])
         return buf
 
     def engine(self, rows: np.ndarray, t: int) -> np.ndarray:
-        return self.run(rows, t)
+        return self.run(rows, t, self.batch_features)
 
     def blend(self, y: np.ndarray, batch: list[int], t: int, watch: bool, a_out: float, a_x: float):
         lay = self.layout
@@ -126,18 +142,16 @@ class HostOps(DeviceOps):
                 w, sample = self._window(task)
                 if sample != i:
                     continue
-                region = (i, *self.slices[w])
-                if peaks is not None:
+                region = (self._rows(i), *self.slices[w])
+                if peaks is not None:  # over every target's x0
                     if self.direct_x0:  # the output is x0; clipping to [-1, 1] cannot move its max across the level
-                        peaks[j] = y[j, lay.prediction_channel].max()
+                        peaks[j] = y[j, self.pred].max()
                     else:
-                        x0 = self.scheduler.x0_for_output(
-                            y[j, lay.prediction_channel], self.x[region], t, self.products[i]
-                        )
+                        x0 = self.scheduler.x0_for_output(y[j, self.pred], self.x[region], t, self.products[i])
                         peaks[j] = x0.max()
-                for channel, target in ((lay.prediction_channel, self.acc), (lay.variance_channel, self.acc_var)):
-                    if target is not None:
-                        np.multiply(y[j, channel], lay.weight, out=self.products[i])
+                for channels, target in ((self.pred, self.acc), (self.var, self.acc_var)):
+                    if target is not None and channels is not None:
+                        np.multiply(y[j, channels], lay.weight, out=self.products[i])
                         target[region] += self.products[i]
 
         samples = sorted({self._window(task)[1] for task in batch})

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..diffusion_schedule import SamplerOptions, SchedulerConfig
 from ..sliding_window import SlidingWindow, WindowOptions
+from .conditioning import Conditioner
 from .device_ops import DeviceLayout, DeviceOps
 from .host_ops import HostOps
 from .plan import Denoiser, Retirement, SampleResult, SamplingPlan
@@ -41,10 +42,10 @@ def layout_of(plan: SamplingPlan) -> DeviceLayout:
         samples=k,
         padded=sw.padded_shape,
         patch=plan.window_options.patch_size,
-        image_channels=plan.in_channels - 1,
+        image_channels=plan.in_channels - plan.targets,
         noisy_channel=plan.noisy,
         prediction_channel=plan.pred,
-        output_channels=config.output_channels,
+        output_channels=config.output_channels * plan.targets,
         variance_channel=plan.var,
         clip=config.clip_range if config.clip_sample else None,
         weight=sw.weight,
@@ -54,6 +55,7 @@ def layout_of(plan: SamplingPlan) -> DeviceLayout:
         tasks=tasks,
         starts=starts,
         skip_weight=sw.weight_sum_of(~plan.active) if plan.ids.size < sw.num_windows else None,
+        targets=plan.targets,
     )
 
 
@@ -69,6 +71,7 @@ def sample_step_major(
     window: SlidingWindow | None = None,
     device_ops: DeviceOpsFactory | None = None,
     on_call: Callable[[int], None] | None = None,
+    condition: Conditioner | None = None,
 ) -> SampleResult:
     """Sample K masks with a global x_t per sample and one blended sliding-window pass per step.
 
@@ -84,6 +87,8 @@ def sample_step_major(
         window: a cached :class:`SlidingWindow` for this volume shape.
         device_ops: ``backend.device_ops``: keep x_t on the engine's device (None: host memory).
         on_call: called with the number of finished engine calls after each call.
+        condition: a conditioned model's ``condition(images) → features`` (host loop only; the features of each
+            window are computed once, see :mod:`.conditioning`).
 
     Returns:
         Per-sample probabilities, mean, std, entropy, counts and the engine's figures.
@@ -92,14 +97,22 @@ def sample_step_major(
         ValueError: on mismatched shapes, a denoiser output of the wrong shape, or neither ``run`` nor
             ``device_ops``.
     """
-    plan = SamplingPlan(image, config, options, window_options, candidate, window, rng, on_call)
+    plan = SamplingPlan(image, config, options, window_options, candidate, window, rng, on_call, condition)
     wopt, scheduler = plan.window_options, plan.scheduler
     layout = layout_of(plan)
+    if device_ops is not None and plan.conditioning is not None:
+        from ..backends.base import BackendUnavailableError
+
+        raise BackendUnavailableError("a model with a condition graph runs in the host loop (no device loop)")
     if device_ops is not None:
         ops = device_ops(layout)
     elif run is not None:
         engine = plan.engine.host_run(run)
-        ops = HostOps(layout, engine, scheduler, plan.sw.slices, wopt.batch_size, wopt.input_cache_mb)
+        if plan.conditioning is not None:
+            plan.conditioning.prepare(plan.ids)
+        ops = HostOps(
+            layout, engine, scheduler, plan.sw.slices, wopt.batch_size, wopt.input_cache_mb, plan.conditioning
+        )
     else:
         raise ValueError("sample_step_major needs a denoiser run(x, t) or device_ops")
     if logger.isEnabledFor(logging.DEBUG):
