@@ -152,18 +152,20 @@ def check_denoiser(
     num_train_timesteps: int = 1000,
     patches: Sequence[np.ndarray] = (),
     seed: int = 0,
+    noisy_channels: int = 1,
 ) -> None:
     """Run the denoiser contract check on ``model`` (eval mode, no gradients) before it is exported.
 
     Args:
         model: the denoiser ``f(x, t)``.
-        in_channels: channels of ``x`` (image channels + 1 noisy channel).
+        in_channels: channels of ``x`` (image channels + the noisy channels).
         patch: the package's fixed patch.
         output_channels: the channels the package declares for ``y`` (2 for learned-σ models).
         prediction_channel: the channel holding the prediction.
         num_train_timesteps: T; the check runs at t = 0, T/2, T−1.
         patches: real image patches ``[C_img, *patch]``; the first one is used, else random normal images.
-        seed: seed of the noisy channel (and of the random image when no patch is given).
+        seed: seed of the noisy channels (and of the random image when no patch is given).
+        noisy_channels: one per target.
 
     Raises:
         ContractError: a check failed; the message names the model class, the check and the value got.
@@ -175,14 +177,15 @@ def check_denoiser(
     if not 0 <= prediction_channel < output_channels:
         raise ValueError(f"prediction_channel must be in [0, {output_channels}), got {prediction_channel}")
     rng = np.random.default_rng(seed)
+    c_img = in_channels - noisy_channels
     if patches:
         image = np.asarray(patches[0], np.float32)
-        if image.shape != (in_channels - 1, *patch):
-            raise ValueError(f"patches must be [C_img, *patch] = {[in_channels - 1, *patch]}, got {list(image.shape)}")
+        if image.shape != (c_img, *patch):
+            raise ValueError(f"patches must be [C_img, *patch] = {[c_img, *patch]}, got {list(image.shape)}")
         image = np.repeat(image[None], 2, axis=0)
     else:
-        image = rng.standard_normal((2, in_channels - 1, *patch), dtype=np.float32)
-    noisy = rng.standard_normal((2, 1, *patch), dtype=np.float32)
+        image = rng.standard_normal((2, c_img, *patch), dtype=np.float32)
+    noisy = rng.standard_normal((2, noisy_channels, *patch), dtype=np.float32)
     x = torch.from_numpy(np.ascontiguousarray(np.concatenate([image, noisy], axis=1)))
     model.eval()
     want = (2, output_channels, *patch)

@@ -21,6 +21,13 @@ import torch
 from diffseg import __version__
 from diffseg.runtime.atomic import atomic_path, write_text_atomic
 from diffseg.runtime.manifest import SCHEMA_VERSION, load_package, parse_manifest, sha256_of
+from diffseg.runtime.model_contract import (
+    BLENDINGS,
+    check_activation,
+    engine_output_channels,
+    parse_inputs,
+    parse_targets,
+)
 from diffseg.runtime.verify import EngineError
 
 from .contract_checks import check_denoiser, check_patch, refuse_scripted
@@ -33,6 +40,8 @@ logger = logging.getLogger("diffseg.export")
 FP32_LIMIT = 1e-4
 FP16_LIMIT = 1e-2
 
+# Window skipping (``candidate``) and retirement (``retire_after``) are off unless a config enables them: they were
+# validated on our default model (its config states them), not on anyone else's.
 DEFAULT_SAMPLING = {
     "sampler": "ddim",
     "steps": 10,
@@ -43,10 +52,19 @@ DEFAULT_SAMPLING = {
     "overlap": 0.25,
     "threshold": 0.5,
     "min_lesion_ml": 0.1,
-    "candidate": {"modality": "PT", "min_value": 2.0},
-    "retire_after": 2,
     "seed": 0,
 }
+DEFAULT_TARGETS = ({"name": "tumour"},)
+
+
+def check_contract(
+    inputs: Sequence[Mapping[str, Any]], targets: Sequence[Mapping[str, Any]], activation: str, blending: str
+) -> None:
+    """The inputs, targets, activation and blending as the runtime reads them (ValueError naming the field)."""
+    parse_inputs(list(inputs), "inputs")
+    check_activation(activation, parse_targets(list(targets), "targets"), "activation")
+    if blending not in BLENDINGS:
+        raise ValueError(f"blending must be one of {list(BLENDINGS)}, got {blending!r}")
 
 
 def parity_inputs(
@@ -62,7 +80,7 @@ def parity_inputs(
     ts = np.array([0, T // 2, T - 1], dtype=np.float32)
     out = [(rng.standard_normal((3, in_channels, *patch), dtype=np.float32), ts)]
     for img in patches:
-        noisy = rng.standard_normal((3, 1, *patch), dtype=np.float32)
+        noisy = rng.standard_normal((3, in_channels - img.shape[0], *patch), dtype=np.float32)
         x = np.concatenate([np.repeat(img[None], 3, axis=0), noisy], axis=1).astype(np.float32)
         out.append((x, ts))
     return out
@@ -88,12 +106,15 @@ def build_package(
     out_dir: str | Path,
     *,
     name: str,
-    modalities: Sequence[Mapping[str, Any]],
+    inputs: Sequence[Mapping[str, Any]],
     spacing_mm: float,
     patch_size: Sequence[int],
     channel_order: str,
     diffusion: Mapping[str, Any],
     architecture: Mapping[str, Any],
+    targets: Sequence[Mapping[str, Any]] = DEFAULT_TARGETS,
+    activation: str = "affine",
+    blending: str = "gaussian",
     defaults: Mapping[str, Any] | None = None,
     patches: Sequence[np.ndarray] = (),
     validation: Mapping[str, Any] | None = None,
@@ -105,8 +126,13 @@ def build_package(
 
     Args:
         model: a denoiser ``f(x, t)`` (ours, MONAI's, or any module with that contract).
-        modalities: ``[{"code": "PT", "unit": ..., "normalisation": {"clip": [lo, hi], "offset": o, "scale": s}}, …]``
-            in channel order.
+        inputs: the image inputs in channel order, as the manifest's ``inputs`` (:mod:`diffseg.runtime.model_contract`):
+            ``[{"code": "PT", "unit": "SUVbw", "normalisation": {"clip": [lo, hi], "offset": o, "scale": s}},
+            {"code": "MR", "sequence": "T1", "normalisation": {"method": "zscore", "region": "nonzero"}}, …]``.
+        targets: the noisy channels' names and coded concepts (default: one, the tumour).
+        activation: final x → probability, ``affine`` ((x + 1)/2) or ``sigmoid``.
+        blending: ``gaussian`` or ``constant`` sliding-window blending.
+        defaults: sampling defaults over :data:`DEFAULT_SAMPLING` (window skipping and retirement only if given).
         diffusion: ``num_train_timesteps``, ``beta_schedule`` (+ ``beta_start``/``beta_end``), ``prediction_type``,
             ``output_channels``, ``prediction_channel``, ``clip_sample``, ``clip_range``.
         patches: real image patches ``[C_img, *patch]`` for the parity check, besides random inputs.
@@ -123,9 +149,10 @@ def build_package(
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists (pass overwrite=True / --overwrite)")
     refuse_scripted(model)
+    check_contract(inputs, targets, activation, blending)  # the manifest's contract, before minutes of export
     patch = check_patch(patch_size)
-    in_channels = len(modalities) + 1
-    out_channels = int(diffusion["output_channels"])
+    in_channels = len(inputs) + len(targets)
+    out_channels = engine_output_channels(len(targets), int(diffusion["output_channels"]))
     # The contract on real inputs before anything is written: shape, dtype and channels of y at t = 0, T/2, T−1.
     check_denoiser(
         model,
@@ -135,6 +162,7 @@ def build_package(
         prediction_channel=int(diffusion.get("prediction_channel", 0)),
         num_train_timesteps=int(diffusion["num_train_timesteps"]),
         patches=patches,
+        noisy_channels=len(targets),
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -143,10 +171,10 @@ def build_package(
         check_graph(fp32, in_channels, patch)
         fp16 = convert_fp16(fp32, staging / "denoiser.fp16.onnx")
         check_graph(fp16, in_channels, patch)
-        inputs = parity_inputs(in_channels, patch, int(diffusion["num_train_timesteps"]), patches)
+        cases = parity_inputs(in_channels, patch, int(diffusion["num_train_timesteps"]), patches)
         results: list[EngineError] = [
-            parity("onnx_fp32_vs_torch_fp32", model, fp32, inputs, FP32_LIMIT),
-            parity("onnx_fp16_vs_torch_fp32", model, fp16, inputs, FP16_LIMIT),
+            parity("onnx_fp32_vs_torch_fp32", model, fp32, cases, FP32_LIMIT),
+            parity("onnx_fp16_vs_torch_fp32", model, fp16, cases, FP16_LIMIT),
         ]
         for r in results:
             logger.info(
@@ -171,7 +199,10 @@ def build_package(
             "schema_version": SCHEMA_VERSION,
             "name": name,
             "version": str((provenance or {}).get("model_version", "1")),
-            "modalities": [dict(m) for m in modalities],
+            "inputs": [dict(m) for m in inputs],
+            "targets": [dict(t) for t in targets],
+            "activation": activation,
+            "blending": blending,
             "spacing_mm": float(spacing_mm),
             "patch_size": list(patch),
             "channel_order": channel_order,
@@ -198,6 +229,17 @@ def build_package(
             "precision": "fp32",
             "sha256": sha256_of(staging / "denoiser.pt"),
         }
+        # The program for the torch backend: runs any architecture, no registry (the state dict serves the registry).
+        from .program_export import export_program
+
+        T = int(diffusion["num_train_timesteps"])
+        export_program(model, in_channels, patch, staging / "denoiser.pt2", num_train_timesteps=T)
+        manifest["files"]["torch_export"] = {
+            "path": "denoiser.pt2",
+            "format": "torch_export",
+            "precision": "fp32",
+            "sha256": sha256_of(staging / "denoiser.pt2"),
+        }
         parse_manifest(manifest, "manifest")  # the runtime must accept what we write
         write_text_atomic(staging / "manifest.json", json.dumps(manifest, indent=2) + "\n")  # parsed back
         load_package(staging)  # re-read and verify sha256 as the runtime will
@@ -211,8 +253,11 @@ def build_package(
     return out_dir
 
 
-def modalities_from_config(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The manifest's modality list from a training config."""
+def inputs_from_config(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's ``inputs`` from an export config: its ``inputs`` (schema 2 entries) as given, or a training
+    config's ``modalities`` with their ``normalisation`` (clip/offset/scale)."""
+    if "inputs" in cfg:
+        return [dict(entry) for entry in cfg["inputs"]]
     out = []
     for code in cfg["modalities"]:
         norm = dict(cfg["normalisation"][code])
@@ -223,7 +268,7 @@ def modalities_from_config(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def diffusion_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     d = dict(cfg["diffusion"])
-    out_ch = int(cfg["model"].get("out_channels", 1))
+    out_ch = int(cfg.get("model", {}).get("out_channels", 1))  # a program's config has no model section
     d.setdefault("output_channels", out_ch)
     d.setdefault("prediction_channel", 0)
     d.setdefault("clip_sample", True)

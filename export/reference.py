@@ -35,6 +35,10 @@ class ReferenceSettings:
         prediction_channel: output channel holding the prediction (0; learned-sigma models add a second one).
         batch_size: windows per model call.
         steps_offset: added to the ``leading`` grid (diffusers' ``steps_offset``).
+        activation: final x → probability: ``affine`` ((x + 1)/2, clamped to [0, 1]), ``sigmoid``, or ``softmax``
+            over the targets.
+        targets: noisy channels T (one mask each), predicted in output channels 0 … T−1.
+        blending: ``gaussian`` (MONAI's importance map) or ``constant`` (MONAI's ``mode="constant"``: ones).
     """
 
     steps: int = 10
@@ -47,6 +51,9 @@ class ReferenceSettings:
     prediction_channel: int = 0
     batch_size: int = 8
     steps_offset: int = 0
+    activation: str = "affine"
+    blending: str = "gaussian"
+    targets: int = 1
 
 
 def ddim_pairs(num_train_timesteps: int, steps: int, spacing: str, steps_offset: int = 0) -> list[tuple[int, int]]:
@@ -133,7 +140,8 @@ def reference_sample(
     beta_schedule: str = "linear",
     device: str = "cpu",
 ) -> np.ndarray:
-    """Sample ``settings.samples`` masks for one volume; returns foreground probabilities ``[K, z, y, x]``.
+    """Sample ``settings.samples`` masks for one volume; returns foreground probabilities ``[K, z, y, x]``
+    (``[K, T, z, y, x]`` for T > 1 targets: the initial noise is then drawn as ``[K·T, z, y, x]``).
 
     Args:
         model: the denoiser ``f(x, t)``.
@@ -143,9 +151,9 @@ def reference_sample(
         seed: the case seed (numpy generator, initial noise drawn first).
     """
     s = settings
-    K = s.samples
+    K, T = s.samples, s.targets
     shape = image.shape[1:]
-    noise = np.random.default_rng(seed).standard_normal((K, *shape), dtype=np.float32)
+    noise = np.random.default_rng(seed).standard_normal((K * T, *shape), dtype=np.float32).reshape(K, T, *shape)
     abar = torch.from_numpy(alphas_cumprod(num_train_timesteps, beta_schedule)).to(device)
     img = torch.from_numpy(image).to(device)
     mins = img.flatten(1).min(dim=1).values
@@ -159,7 +167,7 @@ def reference_sample(
         for y in window_starts(vol[1], patch[1], s.overlap)
         for xx in window_starts(vol[2], patch[2], s.overlap)
     ]
-    w = gaussian_map(patch).to(device)
+    w = (gaussian_map(patch) if s.blending == "gaussian" else torch.ones(patch)).to(device)
     for t, t_prev in ddim_pairs(num_train_timesteps, s.steps, s.timestep_spacing, s.steps_offset):
         acc = torch.zeros_like(x)
         norm = torch.zeros(vol, dtype=torch.float32, device=device)
@@ -169,14 +177,14 @@ def reference_sample(
             crops = []
             for k, (z0, y0, x0_) in chunk:
                 sl = (slice(z0, z0 + patch[0]), slice(y0, y0 + patch[1]), slice(x0_, x0_ + patch[2]))
-                xt = x[(k, *sl)][None]
+                xt = x[(k, slice(None), *sl)]
                 im = img[(slice(None), *sl)]
                 crops.append(torch.cat([im, xt] if s.channel_order == "image-first" else [xt, im], dim=0))
             out = model(torch.stack(crops), torch.full((len(chunk),), float(t), device=device))
-            out = out[:, s.prediction_channel].float()
+            out = out[:, s.prediction_channel : s.prediction_channel + T].float()
             for j, (k, (z0, y0, x0_)) in enumerate(chunk):
                 sl = (slice(z0, z0 + patch[0]), slice(y0, y0 + patch[1]), slice(x0_, x0_ + patch[2]))
-                acc[(k, *sl)] += out[j] * w
+                acc[(k, slice(None), *sl)] += out[j] * w
                 if k == 0:
                     norm[sl] += w
         model_out = acc / norm
@@ -199,5 +207,9 @@ def reference_sample(
         slice(pads[2], pads[2] + shape[1]),
         slice(pads[0], pads[0] + shape[2]),
     )
-    prob = ((x[:, zs, ys, xs] + 1) / 2).clamp(0, 1)
-    return prob.cpu().numpy()
+    final = x[:, :, zs, ys, xs]
+    if s.activation == "softmax":
+        prob = torch.softmax(final, dim=1)
+    else:
+        prob = torch.sigmoid(final) if s.activation == "sigmoid" else ((final + 1) / 2).clamp(0, 1)
+    return (prob[:, 0] if T == 1 else prob).cpu().numpy()

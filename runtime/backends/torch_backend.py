@@ -1,11 +1,18 @@
 """The PyTorch backend: the reference on the CPU (fp32), and fp16 with CUDA graphs on GPUs without TensorRT.
 
-torch is imported only when this backend is chosen. The network is rebuilt from the manifest's architecture and the
-package's ``denoiser.pt`` (loaded with ``weights_only=True``, after the sha256 check of the package).
+torch is imported only when this backend is chosen. The network comes, after the sha256 check of the package, from
+
+- the package's ``torch.export`` program (``denoiser.pt2``, format ``torch_export``) at fp32: any architecture, no
+  registry (read by :func:`diffseg.export.program_export.load_program`, which runs no code from the file); or
+- diffseg's architecture registry (``diffseg.export.architectures``): the manifest's ``architecture`` rebuilt and the
+  package's ``denoiser.pt`` loaded with ``weights_only=True``: at fp16 (a program's devices and dtypes are fixed
+  when it is exported: ``.cuda().half()`` leaves the device and dtype written into its graph, such as the
+  ``arange`` of a time embedding, as they were), and for packages without a program (``models/default``).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -14,6 +21,8 @@ from ..sampling.device_ops import DeviceLayout, DeviceOps, step_vector
 from .base import Backend, BackendUnavailableError
 
 __all__ = ["TorchBackend", "TorchDeviceOps"]
+
+logger = logging.getLogger("diffseg")
 
 
 class TorchBackend(Backend):
@@ -25,8 +34,6 @@ class TorchBackend(Backend):
     def unavailable_reason(cls) -> str | None:
         try:
             import torch  # noqa: F401
-
-            from diffseg.export.architectures import build_model  # noqa: F401
         except ImportError as exc:
             return f"torch is not installed ({exc})"
         return None
@@ -46,24 +53,62 @@ class TorchBackend(Backend):
         super().__init__(package, precision, threads)
         import torch
 
-        from diffseg.export.architectures import build_model
-
-        if "torch" not in package.files:
-            raise BackendUnavailableError(f"{package.root}: the package has no torch weights (denoiser.pt)")
-        arch = dict(package.manifest.raw["architecture"])
-        cfg = {"architecture": arch.pop("type"), "model": arch}
-        self.model = build_model(cfg)
-        state = torch.load(package.files["torch"].path, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state)
-        self.model.eval()
+        self.torch = torch
         if threads:
             torch.set_num_threads(threads)
-        self.torch = torch
+        program = next((f for f in package.files.values() if f.format == "torch_export"), None)
+        if program is not None and precision == "fp32":
+            from diffseg.export.program_export import load_program
+
+            self.model = load_program(program.path, in_channels=self.in_channels, patch=self.patch)
+            self.source = f"torch_export ({program.path.name})"
+        else:
+            self.model = self._registry_model(package, program is not None)
+            self.source = f"registry ({package.files['torch'].path.name})"
+        logger.info("torch backend %s: %s", precision, self.source)
         if precision == "fp16":
             self.device = "cuda"
             self.model = self.model.cuda().half()
         self.cuda_graphs = cuda_graphs and precision == "fp16"
         self._graphs: dict[int, tuple] = {}
+
+    def _registry_model(self, package, has_program: bool):
+        """The manifest's architecture rebuilt from diffseg's registry with the package's ``denoiser.pt``.
+
+        Raises:
+            BackendUnavailableError: no registry weights, the registry is not installed, or it does not know the
+                architecture; the message says what the package has and what to run instead.
+        """
+        torch = self.torch
+        program_note = (
+            "; its torch.export program (denoiser.pt2) runs fp32 only (a program's devices and dtypes are fixed when "
+            "it is exported): run --precision fp32 on torch, or fp16 on onnxruntime or TensorRT"
+            if has_program
+            else " and no torch.export program (denoiser.pt2); re-export it with diffseg export to add one"
+        )
+        if "torch" not in package.files:
+            raise BackendUnavailableError(
+                f"{package.root}: the torch backend at {self.precision} needs torch weights (denoiser.pt) of an "
+                f"architecture in diffseg's registry; the package has none{program_note}"
+            )
+        arch = dict(package.manifest.raw.get("architecture") or {})
+        name = arch.pop("type", None)
+        try:
+            from diffseg.export.architectures import ARCHITECTURES, build_model
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"{package.root}: rebuilding architecture {name!r} needs diffseg's export side ({exc}); "
+                f'pip install "diffseg[export]"{program_note}'
+            ) from None
+        if name not in ARCHITECTURES:
+            raise BackendUnavailableError(
+                f"{package.root}: architecture {name!r} is not in diffseg's registry ({sorted(ARCHITECTURES)}), so "
+                f"denoiser.pt cannot be rebuilt{program_note}"
+            )
+        model = build_model({"architecture": name, "model": arch})
+        state = torch.load(package.files["torch"].path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        return model.eval()
 
     def _graph(self, batch: int):
         torch = self.torch
@@ -120,7 +165,12 @@ class TorchBackend(Backend):
         self._graphs.clear()
 
     def describe(self) -> dict:
-        return {**super().describe(), "torch": self.torch.__version__, "cuda_graphs": self.cuda_graphs}
+        return {
+            **super().describe(),
+            "torch": self.torch.__version__,
+            "model_source": self.source,
+            "cuda_graphs": self.cuda_graphs,
+        }
 
 
 class TorchDeviceOps(DeviceOps):

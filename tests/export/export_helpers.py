@@ -31,7 +31,7 @@ def export(model, tmp_path, name="pkg", out_channels=1, patches=(), patch=PATCH)
         model,
         tmp_path / name,
         name=name,
-        modalities=MODALITIES,
+        inputs=MODALITIES,
         spacing_mm=2.0,
         patch_size=patch,
         channel_order="image-first",

@@ -38,7 +38,7 @@ def test_diffseg_unet_exports_with_parity(tmp_path):
     pkg = export(model, tmp_path, patches=patches)
     manifest = assert_parity(pkg)
     loaded = load_package(pkg)
-    assert loaded.manifest.patch_size == PATCH and set(loaded.files) == {"fp32", "fp16", "torch"}
+    assert loaded.manifest.patch_size == PATCH and set(loaded.files) == {"fp32", "fp16", "torch", "torch_export"}
     model_fp32 = onnx.load(str(loaded.engine("fp32").path))
     ops = {n.op_type for n in model_fp32.graph.node}
     assert not ops & {"GroupNormalization", "Attention"}
