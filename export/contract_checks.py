@@ -10,6 +10,10 @@ t = 0, T/2 and T−1 (batch 2) and refuses, naming the model class, the check an
 - an output that is not one float32 tensor ``[B, output_channels, *patch]`` (a 2-channel model declared with 1,
   valid-padding outputs such as 30³ from 32³, no channel axis) or is not finite.
 
+A model with a condition graph (:class:`~diffseg.export.onnx_export.Condition`) is checked in the order the runtime
+runs it: :func:`check_condition` runs the condition graph on the image channels (a tuple of float32 tensors, one per
+declared feature, each of batch B, finite), then :func:`check_denoiser` runs ``f(x, t, *features)``.
+
 :func:`explain_export_error` turns the errors of ``torch.onnx.export`` (torch.export) that researchers meet into
 diffseg's words: a branch on the value of ``t`` (data-dependent control flow), a batch size fixed inside the model.
 """
@@ -23,9 +27,16 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .onnx_export import ExportError
+from .onnx_export import Condition, ExportError
 
-__all__ = ["ContractError", "check_denoiser", "check_patch", "explain_export_error", "refuse_scripted"]
+__all__ = [
+    "ContractError",
+    "check_condition",
+    "check_denoiser",
+    "check_patch",
+    "explain_export_error",
+    "refuse_scripted",
+]
 
 CHECK_TIMESTEPS = "t = 0, T/2, T-1"
 
@@ -105,7 +116,13 @@ def _divisor(patch: tuple[int, ...], sizes: list[tuple[int, ...]]) -> int:
 
 
 def _explain_forward_error(
-    cls: str, exc: Exception, patch: tuple[int, ...], in_channels: int, divisor: int, t_value: float
+    cls: str,
+    exc: Exception,
+    patch: tuple[int, ...],
+    in_channels: int,
+    divisor: int,
+    t_value: float,
+    features: Sequence[str] = (),
 ) -> ContractError:
     message = str(exc)
     first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
@@ -116,10 +133,12 @@ def _explain_forward_error(
             f"(torch said: {first})"
         )
     if isinstance(exc, TypeError) and re.search(r"forward\(\) (takes|missing)", message):
+        args = ", ".join(["x", "t", *features])
         return ContractError(
-            f"{cls}: the contract check (forward at {CHECK_TIMESTEPS}) failed: forward must take (x, t), x "
-            f"[B, C_img + 1, *patch] and t float32 [B]; wrap the network in a module whose forward(x, t) calls it "
-            f"(torch said: {first})"
+            f"{cls}: the contract check (forward at {CHECK_TIMESTEPS}) failed: forward must take ({args}), x "
+            f"[B, C_img + 1, *patch] and t float32 [B]"
+            + (f", then the condition graph's features {list(features)}" if features else "")
+            + f"; wrap the network in a module whose forward({args}) calls it (torch said: {first})"
         )
     channels = re.search(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels", message)
     if channels and channels.group(2) == str(in_channels):
@@ -142,6 +161,48 @@ def _explain_forward_error(
     )
 
 
+def check_condition(condition: Condition, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Run the condition graph on ``images`` [B, C_img, *patch] (eval mode, no gradients); its features.
+
+    Raises:
+        ContractError: it raised, or did not return a tuple of ``len(condition.features)`` finite float32 tensors
+            of batch B; the message names the class, the feature and what it got.
+    """
+    module = condition.module
+    refuse_scripted(module)
+    cls, names, batch = _name(module), list(condition.features), images.shape[0]
+    shape = ", ".join(map(str, images.shape))
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(images)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ContractError(
+            f"{cls}: the condition graph's contract check (forward on image [{shape}]) raised "
+            f"{type(exc).__name__}: {first}"
+        ) from exc
+    check = f"{cls}: the condition graph's output check (image [{shape}])"
+    if not isinstance(out, tuple | list) or not all(isinstance(f, torch.Tensor) for f in out):
+        kinds = type(out).__name__ if not isinstance(out, tuple | list) else [type(f).__name__ for f in out]
+        raise ContractError(
+            f"{check}: returned {kinds}; return a tuple of tensors, one per feature {names}, each [B, ...]"
+        )
+    if len(out) != len(names):
+        raise ContractError(f"{check}: returned {len(out)} tensors, the package declares the features {names}")
+    for name, f in zip(names, out, strict=True):
+        if f.dim() < 1 or f.shape[0] != batch:
+            raise ContractError(
+                f"{check}: feature {name!r} has shape {tuple(f.shape)}, not batch {batch} first ([B, ...]: one row "
+                f"per window, the batch is the one dynamic axis)"
+            )
+        if f.dtype != torch.float32:
+            raise ContractError(f"{check}: feature {name!r} has dtype {f.dtype}, the contract is float32")
+        if not bool(torch.isfinite(f).all()):
+            raise ContractError(f"{check}: feature {name!r} holds NaN or Inf")
+    return tuple(out)
+
+
 def check_denoiser(
     model: torch.nn.Module,
     *,
@@ -153,6 +214,7 @@ def check_denoiser(
     patches: Sequence[np.ndarray] = (),
     seed: int = 0,
     noisy_channels: int = 1,
+    condition: Condition | None = None,
 ) -> None:
     """Run the denoiser contract check on ``model`` (eval mode, no gradients) before it is exported.
 
@@ -166,6 +228,8 @@ def check_denoiser(
         patches: real image patches ``[C_img, *patch]``; the first one is used, else random normal images.
         seed: seed of the noisy channels (and of the random image when no patch is given).
         noisy_channels: one per target.
+        condition: the model's condition graph: its features (:func:`check_condition` on the image channels of x)
+            are passed after t.
 
     Raises:
         ContractError: a check failed; the message names the model class, the check and the value got.
@@ -187,6 +251,8 @@ def check_denoiser(
         image = rng.standard_normal((2, c_img, *patch), dtype=np.float32)
     noisy = rng.standard_normal((2, noisy_channels, *patch), dtype=np.float32)
     x = torch.from_numpy(np.ascontiguousarray(np.concatenate([image, noisy], axis=1)))
+    features = check_condition(condition, x[:, condition.image_channels]) if condition is not None else ()
+    names = condition.features if condition is not None else ()
     model.eval()
     want = (2, output_channels, *patch)
     T = int(num_train_timesteps)
@@ -196,11 +262,12 @@ def check_denoiser(
 
         def run(t: torch.Tensor = t, result: list[object] = result) -> None:
             with torch.no_grad():
-                result.append(model(x, t))
+                result.append(model(x, t, *features))
 
         error, sizes = _run_recording_sizes(model, run)
         if error is not None:
-            raise _explain_forward_error(cls, error, patch, in_channels, _divisor(patch, sizes), t_value) from error
+            divisor = _divisor(patch, sizes)
+            raise _explain_forward_error(cls, error, patch, in_channels, divisor, t_value, names) from error
         y = result[0]
         check = f"{cls}: the output check at t = {t_value:g} (x [2, {in_channels}, {', '.join(map(str, patch))}])"
         if not isinstance(y, torch.Tensor):

@@ -2,6 +2,11 @@
 
 The package is assembled in a temporary folder beside the target and renamed into place only when every check
 passed, so a failed export never leaves a half-written package.
+
+A model with a condition graph (``conditioner``: Diff-UNet's image encoder, ``image → features``, run once per
+window by the runtime) adds ``condition.onnx``, ``condition.fp16.onnx`` and ``condition.pt2`` (role ``condition``)
+and the manifest's ``conditioning`` section; the denoiser takes the features after ``x`` and ``t``, and every check
+runs the two together.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 
 from diffseg import __version__
 from diffseg.runtime.atomic import atomic_path, write_text_atomic
-from diffseg.runtime.manifest import SCHEMA_VERSION, load_package, parse_manifest, sha256_of
+from diffseg.runtime.manifest import SCHEMA_VERSION, load_package, parse_features, parse_manifest, sha256_of
 from diffseg.runtime.model_contract import (
     BLENDINGS,
     check_activation,
@@ -30,8 +35,17 @@ from diffseg.runtime.model_contract import (
 )
 from diffseg.runtime.verify import EngineError
 
-from .contract_checks import check_denoiser, check_patch, refuse_scripted
-from .onnx_export import ExportError, check_graph, convert_fp16, export_fp32, parity
+from .contract_checks import check_condition, check_denoiser, check_patch, refuse_scripted
+from .onnx_export import (
+    Condition,
+    ExportError,
+    check_condition_graph,
+    check_graph,
+    convert_fp16,
+    export_condition,
+    export_fp32,
+    parity,
+)
 
 __all__ = ["DEFAULT_SAMPLING", "build_package", "parity_inputs"]
 
@@ -87,18 +101,64 @@ def parity_inputs(
 
 
 def _engine_entry(
-    path: Path, precision: str, opset: int, in_channels: int, patch: Sequence[int], out_channels: int
+    path: Path,
+    precision: str,
+    opset: int,
+    in_channels: int,
+    patch: Sequence[int],
+    out_channels: int,
+    features: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
+    """The manifest entry of a denoiser's ONNX file (``features``: the condition graph's, name → shape after B)."""
+    features = features or {}
     return {
         "path": path.name,
         "format": "onnx",
         "precision": precision,
         "opset": opset,
-        "inputs": {"x": ["batch", in_channels, *patch], "t": ["batch"]},
-        "input_dtypes": {"x": "float32", "t": "float32"},
+        "inputs": {"x": ["batch", in_channels, *patch], "t": ["batch"], **_batched(features)},
+        "input_dtypes": {"x": "float32", "t": "float32", **{f: "float32" for f in features}},
         "outputs": {"y": ["batch", out_channels, *patch]},
         "sha256": sha256_of(path),
     }
+
+
+def _batched(features: Mapping[str, Sequence[int]]) -> dict[str, list]:
+    return {name: ["batch", *map(int, shape)] for name, shape in features.items()}
+
+
+def _condition_entry(
+    path: Path, precision: str, opset: int, image_channels: int, patch: Sequence[int], features: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The manifest entry of a condition graph's ONNX file."""
+    return {
+        "path": path.name,
+        "format": "onnx",
+        "precision": precision,
+        "opset": opset,
+        "role": "condition",
+        "inputs": {"image": ["batch", image_channels, *patch]},
+        "input_dtypes": {"image": "float32"},
+        "outputs": _batched(features),
+        "sha256": sha256_of(path),
+    }
+
+
+def _condition(
+    conditioner: torch.nn.Module | None, features: Sequence[str], image_channels: int, targets: int, order: str
+) -> Condition | None:
+    """The condition graph as the checks see it (None without one); ValueError for a half-given one."""
+    if conditioner is None:
+        if features:
+            raise ValueError(f"features {list(features)} were given without a conditioner; pass both or neither")
+        return None
+    refuse_scripted(conditioner)
+    if not features:
+        raise ValueError("features must name the conditioner's outputs (in order) when a conditioner is given")
+    names = parse_features(list(features), "features")
+    image_first = order.replace("-", "_") == "image_first"
+    channels = slice(0, image_channels) if image_first else slice(targets, targets + image_channels)
+    return Condition(conditioner, names, channels)
 
 
 def build_package(
@@ -121,11 +181,14 @@ def build_package(
     provenance: Mapping[str, Any] | None = None,
     opset: int = 18,
     overwrite: bool = False,
+    conditioner: torch.nn.Module | None = None,
+    features: Sequence[str] = (),
 ) -> Path:
     """Export ``model`` into a model package at ``out_dir``.
 
     Args:
-        model: a denoiser ``f(x, t)`` (ours, MONAI's, or any module with that contract).
+        model: a denoiser ``f(x, t)`` (ours, MONAI's, or any module with that contract); with a ``conditioner``,
+            ``f(x, t, *features)``.
         inputs: the image inputs in channel order, as the manifest's ``inputs`` (:mod:`diffseg.runtime.model_contract`):
             ``[{"code": "PT", "unit": "SUVbw", "normalisation": {"clip": [lo, hi], "offset": o, "scale": s}},
             {"code": "MR", "sequence": "T1", "normalisation": {"method": "zscore", "region": "nonzero"}}, …]``.
@@ -137,10 +200,16 @@ def build_package(
             ``output_channels``, ``prediction_channel``, ``clip_sample``, ``clip_range``.
         patches: real image patches ``[C_img, *patch]`` for the parity check, besides random inputs.
         validation: accuracy figures measured elsewhere (kept in the manifest next to the parity report).
+        conditioner: the model's condition graph (Diff-UNet's image encoder): ``forward(image)``, image
+            ``[B, C_img, *patch]`` (the image channels of x), → a tuple of feature tensors, each ``[B, ...]``,
+            that the runtime computes once per window and passes to ``model`` after ``t``. The package then has no
+            registry state dict (``denoiser.pt``): the torch backend runs its two programs.
+        features: the names of the conditioner's outputs, in order (identifiers; not x, t, y or image).
 
     Raises:
-        ContractError: the model does not meet the contract the package declares (checked on real inputs at
-            t = 0, T/2, T−1 before anything is written: see :mod:`diffseg.export.contract_checks`).
+        ContractError: the model (or its conditioner) does not meet the contract the package declares (checked on
+            real inputs at t = 0, T/2, T−1 before anything is written: see :mod:`diffseg.export.contract_checks`).
+        ValueError: a conditioner without features or features without a conditioner, or a bad feature name.
         ExportError: torch.export failed in a way diffseg explains, or a graph or parity check failed; the
             message names the model or the engine and the error. Nothing is left behind.
         FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
@@ -153,7 +222,9 @@ def build_package(
     patch = check_patch(patch_size)
     in_channels = len(inputs) + len(targets)
     out_channels = engine_output_channels(len(targets), int(diffusion["output_channels"]))
-    # The contract on real inputs before anything is written: shape, dtype and channels of y at t = 0, T/2, T−1.
+    condition = _condition(conditioner, features, len(inputs), len(targets), channel_order)
+    # The contract on real inputs before anything is written: shape, dtype and channels of y at t = 0, T/2, T−1
+    # (after the condition graph's, for a conditioned model).
     check_denoiser(
         model,
         in_channels=in_channels,
@@ -163,18 +234,36 @@ def build_package(
         num_train_timesteps=int(diffusion["num_train_timesteps"]),
         patches=patches,
         noisy_channels=len(targets),
+        condition=condition,
     )
+    feature_shapes: dict[str, tuple[int, ...]] = {}
+    if condition is not None:  # each feature's shape after B, for the manifest
+        probe = check_condition(condition, torch.zeros(1, len(inputs), *patch))
+        feature_shapes = {name: tuple(f.shape[1:]) for name, f in zip(condition.features, probe, strict=True)}
+    names = condition.features if condition is not None else ()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        fp32 = export_fp32(model, in_channels, patch, staging / "denoiser.onnx", opset)
-        check_graph(fp32, in_channels, patch)
+        fp32 = export_fp32(model, in_channels, patch, staging / "denoiser.onnx", opset, condition)
+        check_graph(fp32, in_channels, patch, names)
         fp16 = convert_fp16(fp32, staging / "denoiser.fp16.onnx")
-        check_graph(fp16, in_channels, patch)
+        check_graph(fp16, in_channels, patch, names)
+        cond32 = cond16 = None
+        condition_files: list[tuple[str, Path, str]] = []
+        if condition is not None:
+            cond32 = export_condition(condition, len(inputs), patch, staging / "condition.onnx", opset)
+            check_condition_graph(cond32, len(inputs), patch, names)
+            cond16 = convert_fp16(cond32, staging / "condition.fp16.onnx")
+            check_condition_graph(cond16, len(inputs), patch, names)
+            condition_files = [("condition_fp32", cond32, "fp32"), ("condition_fp16", cond16, "fp16")]
         cases = parity_inputs(in_channels, patch, int(diffusion["num_train_timesteps"]), patches)
-        results: list[EngineError] = [
-            parity("onnx_fp32_vs_torch_fp32", model, fp32, cases, FP32_LIMIT),
-            parity("onnx_fp16_vs_torch_fp32", model, fp16, cases, FP16_LIMIT),
+        results: list[EngineError] = [  # end to end for a conditioned model: condition graph, then denoiser
+            parity(
+                "onnx_fp32_vs_torch_fp32", model, fp32, cases, FP32_LIMIT, condition=condition, condition_path=cond32
+            ),
+            parity(
+                "onnx_fp16_vs_torch_fp32", model, fp16, cases, FP16_LIMIT, condition=condition, condition_path=cond16
+            ),
         ]
         for r in results:
             logger.info(
@@ -210,8 +299,8 @@ def build_package(
             "defaults": {**DEFAULT_SAMPLING, **(defaults or {})},
             "architecture": dict(architecture),
             "files": {
-                "fp32": _engine_entry(fp32, "fp32", opset, in_channels, patch, out_channels),
-                "fp16": _engine_entry(fp16, "fp16", opset, in_channels, patch, out_channels),
+                "fp32": _engine_entry(fp32, "fp32", opset, in_channels, patch, out_channels, feature_shapes),
+                "fp16": _engine_entry(fp16, "fp16", opset, in_channels, patch, out_channels, feature_shapes),
             },
             "validation": {"parity": {r.name: r.as_dict() for r in results}, **(validation or {})},
             "provenance": {
@@ -220,26 +309,41 @@ def build_package(
                 **(provenance or {}),
             },
         }
-        # The weights for the torch backend (reference runs, GPUs without TensorRT).
-        with atomic_path(staging / "denoiser.pt") as tmp:
-            torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
-        manifest["files"]["torch"] = {
-            "path": "denoiser.pt",
-            "format": "torch",
-            "precision": "fp32",
-            "sha256": sha256_of(staging / "denoiser.pt"),
-        }
+        if condition is None:
+            # The weights for the torch backend (reference runs, GPUs without TensorRT). The registry's
+            # architectures are f(x, t): a conditioned model runs from its programs alone.
+            with atomic_path(staging / "denoiser.pt") as tmp:
+                torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+            manifest["files"]["torch"] = {
+                "path": "denoiser.pt",
+                "format": "torch",
+                "precision": "fp32",
+                "sha256": sha256_of(staging / "denoiser.pt"),
+            }
+        else:
+            manifest["conditioning"] = {"features": list(names)}
+            for key, path, precision in condition_files:
+                manifest["files"][key] = _condition_entry(path, precision, opset, len(inputs), patch, feature_shapes)
         # The program for the torch backend: runs any architecture, no registry (the state dict serves the registry).
-        from .program_export import export_program
+        from .program_export import export_condition_program, export_program
 
         T = int(diffusion["num_train_timesteps"])
-        export_program(model, in_channels, patch, staging / "denoiser.pt2", num_train_timesteps=T)
+        export_program(model, in_channels, patch, staging / "denoiser.pt2", num_train_timesteps=T, condition=condition)
         manifest["files"]["torch_export"] = {
             "path": "denoiser.pt2",
             "format": "torch_export",
             "precision": "fp32",
             "sha256": sha256_of(staging / "denoiser.pt2"),
         }
+        if condition is not None:
+            export_condition_program(condition, len(inputs), patch, staging / "condition.pt2")
+            manifest["files"]["condition_torch_export"] = {
+                "path": "condition.pt2",
+                "format": "torch_export",
+                "precision": "fp32",
+                "role": "condition",
+                "sha256": sha256_of(staging / "condition.pt2"),
+            }
         parse_manifest(manifest, "manifest")  # the runtime must accept what we write
         write_text_atomic(staging / "manifest.json", json.dumps(manifest, indent=2) + "\n")  # parsed back
         load_package(staging)  # re-read and verify sha256 as the runtime will

@@ -4,6 +4,10 @@
 saves it with ``torch.export.save`` and checks that the saved file loads back and equals the eager model.
 :func:`load_program` reads a program for the torch backend and for ``diffseg export --program``.
 
+A model with a condition graph has two programs: the denoiser ``f(x, t, *features)`` (:func:`export_program` with
+its ``condition``) and the condition graph ``condition(image) → features`` (``condition.pt2``,
+:func:`export_condition_program`); :func:`load_program` reads either (``features``, ``role``) with the same checks.
+
 What ``torch.export.load`` runs (read in torch 2.13, ``torch/export/__init__.py``,
 ``torch/export/pt2_archive/_package.py``, ``torch/_export/serde/serialize.py``, ``torch/export/_unlift.py``): it
 is **not** a ``weights_only`` load, and torch's own docstring says "never load data from an untrusted source".
@@ -40,14 +44,25 @@ import operator
 import tokenize
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from diffseg.runtime.atomic import atomic_path
 from diffseg.runtime.verify import compare_outputs
 
-__all__ = ["PROGRAM_LIMIT", "ExportedDenoiser", "ProgramError", "export_program", "load_program"]
+if TYPE_CHECKING:
+    from .onnx_export import Condition
+
+__all__ = [
+    "PROGRAM_LIMIT",
+    "ExportedDenoiser",
+    "ExportedGraph",
+    "ProgramError",
+    "export_condition_program",
+    "export_program",
+    "load_program",
+]
 
 logger = logging.getLogger("diffseg.export")
 
@@ -90,6 +105,7 @@ _SYMPY_NAMES = frozenset(
     }
 )  # fmt: skip
 _SYMPY_OPS = frozenset({"(", ")", ",", "=", "-"})
+ROLES = ("denoiser", "condition")
 
 
 class ProgramError(ValueError):
@@ -122,6 +138,15 @@ class ExportedDenoiser(torch.nn.Module):
         return self
 
 
+class ExportedGraph(ExportedDenoiser):
+    """A loaded program of a model with a condition graph: the denoiser ``f(x, t, *features)`` or the condition
+    graph ``condition(image) → features`` (a plain denoiser keeps ``forward(x, t)``: ``torch.export`` and
+    ``torch.onnx.export`` of it, as ``diffseg export --program`` runs, read the signature)."""
+
+    def forward(self, *inputs: torch.Tensor) -> Any:  # type: ignore[override]
+        return self.program(*inputs)
+
+
 def export_program(
     model: torch.nn.Module,
     in_channels: int,
@@ -130,6 +155,7 @@ def export_program(
     *,
     num_train_timesteps: int = 1000,
     seed: int = 0,
+    condition: Condition | None = None,
 ) -> Path:
     """Trace ``model`` with ``torch.export`` (``x`` [B, C, *patch], ``t`` float32 [B], B dynamic) and save it.
 
@@ -144,6 +170,8 @@ def export_program(
         path: the ``.pt2`` file to write.
         num_train_timesteps: T, for the timesteps of the check.
         seed: seed of the trace and check inputs.
+        condition: a conditioned model's condition graph: the program takes its features after ``t`` (computed
+            by it from the image channels of the trace and check inputs), each with the same dynamic batch.
 
     Returns:
         ``path``.
@@ -152,55 +180,118 @@ def export_program(
         ExportError: torch.export failed, or the saved program does not load back or differs from the model; the
             message names the model class. Nothing is left at ``path``.
     """
-    from .contract_checks import explain_export_error, refuse_scripted  # here: load_program needs torch alone
-    from .onnx_export import ExportError
+    from .contract_checks import refuse_scripted  # here: load_program needs torch alone
 
     refuse_scripted(model)
-    path = Path(path)
-    cls = type(model).__name__
-    model = model.eval()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, in_channels, *patch, generator=gen)
     t = torch.tensor([10.0, num_train_timesteps / 2])
+    T = int(num_train_timesteps)
+    x_check = torch.randn(3, in_channels, *patch, generator=gen)
+    t_check = torch.tensor([0.0, float(T // 2), float(T - 1)])
+    features = len(condition.features) if condition is not None else 0
+
+    def with_features(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if condition is None:
+            return (x, t)
+        with torch.no_grad():
+            return (x, t, *(f.detach() for f in condition(x)))
+
+    return _export_checked(
+        model,
+        with_features(x, t),
+        with_features(x_check, t_check),
+        Path(path),
+        lambda p: load_program(p, in_channels=in_channels, patch=patch, features=features),
+        f"at t = 0, {T // 2}, {T - 1}",
+    )
+
+
+def export_condition_program(
+    condition: Condition, image_channels: int, patch: Sequence[int], path: str | Path, *, seed: int = 0
+) -> Path:
+    """Trace a condition graph (``image`` [B, C_img, *patch] → its features, B dynamic) and save it, checked as
+    :func:`export_program` checks a denoiser (loaded back, equal to the eager module on a random batch of 3).
+
+    Raises:
+        ExportError: as :func:`export_program`.
+    """
+    from .contract_checks import refuse_scripted
+
+    refuse_scripted(condition.module)
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.randn(2, image_channels, *patch, generator=gen)
+    check = torch.randn(3, image_channels, *patch, generator=gen)
+    n = len(condition.features)
+    return _export_checked(
+        condition.module,
+        (image,),
+        (check,),
+        Path(path),
+        lambda p: load_program(p, in_channels=image_channels, patch=patch, features=n, role="condition"),
+        "on a random batch of 3",
+    )
+
+
+def _numpy_outputs(out: Any) -> list[Any]:
+    return [f.numpy() for f in out] if isinstance(out, tuple | list) else [out.numpy()]
+
+
+def _export_checked(
+    model: torch.nn.Module,
+    trace_args: tuple[torch.Tensor, ...],
+    check_args: tuple[torch.Tensor, ...],
+    path: Path,
+    load: Any,
+    when: str,
+) -> Path:
+    """``torch.export`` of ``model`` on ``trace_args`` (dim 0 of each the one dynamic ``batch``), saved to ``path``
+    atomically once ``load(saved)`` reads it back and it equals the eager model on ``check_args``."""
+    from .contract_checks import explain_export_error
+    from .onnx_export import ExportError
+
+    cls = type(model).__name__
+    model = model.eval()
     batch = torch.export.Dim("batch", min=1)
     try:
-        program = torch.export.export(model, (x, t), dynamic_shapes=({0: batch}, {0: batch}))
+        program = torch.export.export(model, trace_args, dynamic_shapes=tuple({0: batch} for _ in trace_args))
     except Exception as exc:  # every torch.export failure becomes an ExportError naming the model
         explained = explain_export_error(model, exc)
         if explained is not None:
             raise explained from exc
         raise ExportError(
-            f"{cls}: torch.export.export failed for the torch backend's program (denoiser.pt2): "
+            f"{cls}: torch.export.export failed for the torch backend's program ({path.name}): "
             f"{type(exc).__name__}: {_first_line(exc)} — package not written"
         ) from exc
-    T = int(num_train_timesteps)
-    x_check = torch.randn(3, in_channels, *patch, generator=gen)
-    t_check = torch.tensor([0.0, float(T // 2), float(T - 1)])
     with atomic_path(path) as tmp:
         torch.export.save(program, tmp)
         try:
-            loaded = load_program(tmp, in_channels=in_channels, patch=patch)
+            loaded = load(tmp)
         except ProgramError as exc:
             raise ExportError(f"{cls}: the saved torch.export program cannot be loaded back: {exc}") from exc
         with torch.no_grad():
-            result = compare_outputs(
-                "torch_export_vs_torch_fp32",
-                [(loaded(x_check, t_check).numpy(), model(x_check, t_check).numpy())],
-                PROGRAM_LIMIT,
-            )
+            pairs = list(zip(_numpy_outputs(loaded(*check_args)), _numpy_outputs(model(*check_args)), strict=True))
+        result = compare_outputs("torch_export_vs_torch_fp32", pairs, PROGRAM_LIMIT)
         if not result.passed:
             raise ExportError(
-                f"{cls}: the saved torch.export program differs from the eager model at t = 0, {T // 2}, {T - 1}: "
+                f"{cls}: the saved torch.export program differs from the eager model {when}: "
                 f"relative error {result.rel_error:.3e} over limit {PROGRAM_LIMIT:.0e}"
                 + ("" if result.finite else " and non-finite values (NaN/Inf)")
                 + " — package not written"
             )
-        logger.info("torch.export program vs eager: rel %.2e (limit %.0e)", result.rel_error, PROGRAM_LIMIT)
+        logger.info(
+            "torch.export program %s vs eager: rel %.2e (limit %.0e)", path.name, result.rel_error, PROGRAM_LIMIT
+        )
     return path
 
 
 def load_program(
-    path: str | Path, *, in_channels: int | None = None, patch: Sequence[int] | None = None
+    path: str | Path,
+    *,
+    in_channels: int | None = None,
+    patch: Sequence[int] | None = None,
+    features: int = 0,
+    role: str = "denoiser",
 ) -> ExportedDenoiser:
     """Load a ``torch.export`` program (``torch.export.save``) without running code from the file.
 
@@ -208,17 +299,22 @@ def load_program(
 
     Args:
         path: the ``.pt2`` file.
-        in_channels: when given, the channels ``x`` must have in the program.
-        patch: when given, the patch ``x`` must have in the program.
+        in_channels: when given, the channels ``x`` (``image`` for a condition graph) must have in the program.
+        patch: when given, the patch ``x`` (``image``) must have in the program.
+        features: the condition graph's features: the denoiser's inputs after ``t``, or the condition graph's
+            outputs (0 with ``role="condition"``: any number).
+        role: ``denoiser`` (``f(x, t, *features)``, one output) or ``condition`` (``image`` → the features).
 
     Returns:
-        The program as a module ``f(x, t)`` in eval mode, on the CPU.
+        The program as a module ``f(x, t)`` (``f(x, t, *features)``; ``condition(image)``) in eval mode, on the CPU.
 
     Raises:
         FileNotFoundError: no such file.
         ProgramError: not a torch.export program (damaged, a TorchScript archive, a ``torch.save`` file), a program
             holding what diffseg refuses to load, or one that does not meet the denoiser contract.
     """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {list(ROLES)}, got {role!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such torch.export program")
@@ -232,9 +328,13 @@ def load_program(
             f"({type(exc).__name__}: {_first_line(exc)}); {SAVE_HINT}"
         ) from None
     _check_graph(program, path)
-    _check_signature(program, path, in_channels, patch)
+    if role == "condition":
+        _check_condition_signature(program, path, in_channels, patch, features)
+    else:
+        _check_signature(program, path, in_channels, patch, features)
     module = program.module(check_guards=False)  # no exec of the stored guards_code
-    return ExportedDenoiser(module, path).eval()
+    wrapper = ExportedGraph if (features or role == "condition") else ExportedDenoiser
+    return wrapper(module, path).eval()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -411,20 +511,78 @@ def _check_graph(program: Any, path: Path) -> None:
             )
 
 
-def _check_signature(program: Any, path: Path, in_channels: int | None, patch: Sequence[int] | None) -> None:
-    """Two float32 tensor inputs ``x`` [B, C, *patch] and ``t`` [B] sharing a dynamic B, one output."""
-    sig = program.graph_signature
+def _user_inputs(program: Any) -> list[Any]:
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    vals = [placeholders[name].meta.get("val") if name in placeholders else None for name in sig.user_inputs]
-    contract = "the denoiser contract is f(x, t): x [B, C, *patch], t float32 [B], one output y; only B is dynamic"
-    if len(vals) != 2 or not all(isinstance(v, torch.Tensor) for v in vals) or len(sig.user_outputs) != 1:
+    names = program.graph_signature.user_inputs
+    return [placeholders[name].meta.get("val") if name in placeholders else None for name in names]
+
+
+def _user_outputs(program: Any) -> list[Any]:
+    from torch.export.graph_signature import OutputKind
+
+    node = next(n for n in program.graph.nodes if n.op == "output")
+    specs = program.graph_signature.output_specs
+    return [
+        getattr(arg, "meta", {}).get("val")
+        for arg, spec in zip(node.args[0], specs, strict=False)
+        if spec.kind == OutputKind.USER_OUTPUT
+    ]
+
+
+def _check_patch_axes(
+    path: Path, what: str, shape: tuple, channels: int | None, patch: Sequence[int] | None, contract: str
+) -> None:
+    """``shape`` [B, C, *patch]: static but for B, and the package's C and patch when given."""
+    if not all(isinstance(d, int) for d in shape[1:]):
+        raise ProgramError(f"{path}: {what} has dynamic axes besides the batch ({list(shape)}); {contract}")
+    want = [channels if channels is not None else shape[1], *(patch if patch is not None else shape[2:])]
+    if list(shape[1:]) != [int(v) for v in want]:
+        raise ProgramError(
+            f"{path}: the program takes {what} [B, {', '.join(map(str, shape[1:]))}], the package declares "
+            f"[B, {', '.join(map(str, want))}]"
+        )
+
+
+def _check_feature(path: Path, what: str, value: Any, batch: Any, contract: str) -> None:
+    """A feature: a float32 tensor [B, ...] whose B is the program's batch and whose other axes are fixed."""
+    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+    if (
+        not shape
+        or value.dtype != torch.float32
+        or isinstance(shape[0], int)
+        or (batch is not None and str(shape[0]) != str(batch))
+        or not all(isinstance(d, int) for d in shape[1:])
+    ):
+        got = f"{value.dtype} {list(shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ProgramError(f"{path}: {what} is {got}; {contract}")
+
+
+def _check_signature(
+    program: Any, path: Path, in_channels: int | None, patch: Sequence[int] | None, features: int = 0
+) -> None:
+    """Two float32 tensor inputs ``x`` [B, C, *patch] and ``t`` [B] sharing a dynamic B (then ``features`` float32
+    [B, ...] of the same B), one output."""
+    sig = program.graph_signature
+    vals = _user_inputs(program)
+    if features:
+        contract = (
+            f"the denoiser contract is f(x, t, *features): x [B, C, *patch], t float32 [B], then the condition "
+            f"graph's {features} features, each float32 [B, ...], one output y; only B is dynamic"
+        )
+    else:
+        contract = "the denoiser contract is f(x, t): x [B, C, *patch], t float32 [B], one output y; only B is dynamic"
+    if (
+        len(vals) != 2 + features
+        or not all(isinstance(v, torch.Tensor) for v in vals[:2])
+        or len(sig.user_outputs) != 1
+    ):
         raise ProgramError(
             f"{path}: the program takes {len(vals)} inputs and returns {len(sig.user_outputs)} outputs; {contract}"
         )
-    x_shape, t_shape = (tuple(v.shape) for v in vals)
-    if len(t_shape) != 1 or len(x_shape) < 3 or any(v.dtype != torch.float32 for v in vals):
+    x_shape, t_shape = (tuple(v.shape) for v in vals[:2])
+    if len(t_shape) != 1 or len(x_shape) < 3 or any(v.dtype != torch.float32 for v in vals[:2]):
         raise ProgramError(
-            f"{path}: the program's inputs are {[str(v.dtype) for v in vals]} of shapes {list(x_shape)} and "
+            f"{path}: the program's inputs are {[str(v.dtype) for v in vals[:2]]} of shapes {list(x_shape)} and "
             f"{list(t_shape)}; {contract}"
         )
     if isinstance(x_shape[0], int) or isinstance(t_shape[0], int):
@@ -432,11 +590,32 @@ def _check_signature(program: Any, path: Path, in_channels: int | None, patch: S
             f"{path}: the program's batch is fixed at {x_shape[0]} (exported without dynamic_shapes?); the batch is "
             f"the package's one dynamic axis: {SAVE_HINT}"
         )
-    if not all(isinstance(d, int) for d in x_shape[1:]):
-        raise ProgramError(f"{path}: x has dynamic axes besides the batch ({list(x_shape)}); {contract}")
-    want = [in_channels if in_channels is not None else x_shape[1], *(patch if patch is not None else x_shape[2:])]
-    if list(x_shape[1:]) != [int(v) for v in want]:
+    _check_patch_axes(path, "x", x_shape, in_channels, patch, contract)
+    for i, value in enumerate(vals[2:]):
+        _check_feature(path, f"feature input {i} ({sig.user_inputs[2 + i]})", value, x_shape[0], contract)
+
+
+def _check_condition_signature(
+    program: Any, path: Path, image_channels: int | None, patch: Sequence[int] | None, features: int
+) -> None:
+    """One float32 input ``image`` [B, C_img, *patch] with a dynamic B; ``features`` outputs (any number ≥ 1 when
+    0), each float32 [B, ...]."""
+    vals, outs = _user_inputs(program), _user_outputs(program)
+    n = features or "one or more"
+    contract = (
+        f"the condition graph contract is condition(image) -> features: image float32 [B, C_img, *patch], {n} "
+        f"outputs, each float32 [B, ...]; only B is dynamic"
+    )
+    if len(vals) != 1 or not isinstance(vals[0], torch.Tensor) or not outs or (features and len(outs) != features):
+        raise ProgramError(f"{path}: the program takes {len(vals)} inputs and returns {len(outs)} outputs; {contract}")
+    shape = tuple(vals[0].shape)
+    if vals[0].dtype != torch.float32 or len(shape) < 3:
+        raise ProgramError(f"{path}: the program's input is {vals[0].dtype} of shape {list(shape)}; {contract}")
+    if isinstance(shape[0], int):
         raise ProgramError(
-            f"{path}: the program takes x [B, {', '.join(map(str, x_shape[1:]))}], the package declares "
-            f"[B, {', '.join(map(str, want))}]"
+            f"{path}: the program's batch is fixed at {shape[0]} (exported without dynamic_shapes?); the batch is "
+            f"the package's one dynamic axis"
         )
+    _check_patch_axes(path, "image", shape, image_channels, patch, contract)
+    for i, value in enumerate(outs):
+        _check_feature(path, f"output {i}", value, None, contract)

@@ -6,6 +6,11 @@ targets, the output activation and the blending; a schema 1 manifest reads as th
 
 A package is a folder or a ``.zip`` of one, or the name of a package shipped under ``diffseg/models`` (``default``).
 Every file listed in the manifest is checked against its sha256 before anything is loaded.
+
+A model with a condition graph (Diff-UNet's image encoder, run once per window) declares ``conditioning``:
+``{"features": ["f0", "f1"]}``, the names of the condition graph's outputs, which the denoiser takes after ``x``
+and ``t`` in that order. Its files are those of the denoiser plus, for each format and precision the denoiser
+has, one with ``"role": "condition"`` (the graph ``image [B, C_img, *patch] → features``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -37,12 +43,14 @@ from .model_contract import (
 from .preprocess import CandidateRule, Normalisation
 
 __all__ = [
+    "ENGINE_ROLES",
     "SCHEMA_VERSION",
     "EngineFile",
     "Manifest",
     "ManifestError",
     "ModelPackage",
     "load_package",
+    "parse_features",
     "sha256_of",
     "shipped_models",
 ]
@@ -52,6 +60,12 @@ READABLE_SCHEMAS = (1, 2)
 # "torch": a state dict for an architecture of diffseg's registry; "torch_export": a ``torch.export`` program (.pt2)
 # that the torch backend runs with no registry.
 ENGINE_FORMATS = ("onnx", "torch", "torch_export")
+# What an engine file computes: the denoiser f(x, t, *features), or the condition graph image → features.
+ENGINE_ROLES = ("denoiser", "condition")
+# A feature names an ONNX input of the denoiser and an output of the condition graph: a plain identifier, not one
+# of the names the graphs already use.
+_FEATURE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+RESERVED_FEATURE_NAMES = ("x", "t", "y", "image")
 _NUMBER = (int, float)
 # The JSON type each ``defaults`` key must have (the keys allowed). ``_TYPED_HERE`` are typed here (``float()``
 # would take a string; ``samples`` is ``num_samples`` in ``SamplerOptions``' messages), the others by
@@ -94,7 +108,11 @@ def sha256_of(path: Path) -> str:
 
 @dataclass(frozen=True)
 class EngineFile:
-    """One engine file of the package (an ONNX graph at a precision)."""
+    """One engine file of the package (an ONNX graph at a precision, a state dict, a torch.export program).
+
+    Attributes:
+        role: ``denoiser`` (``f(x, t, *features)``) or ``condition`` (the condition graph ``image → features``).
+    """
 
     key: str
     path: Path
@@ -102,6 +120,7 @@ class EngineFile:
     precision: str
     opset: int | None
     sha256: str
+    role: str = "denoiser"  # one of ENGINE_ROLES
 
 
 @dataclass(frozen=True)
@@ -147,6 +166,12 @@ class Manifest:
         """The input whose grid the outputs lie on (the CT if any, else the first required input)."""
         return reference_input(self.inputs)
 
+    @property
+    def conditioning(self) -> tuple[str, ...]:
+        """The condition graph's features in the order the denoiser takes them after (x, t); () without one."""
+        section = self.raw.get("conditioning")
+        return tuple(section["features"]) if isinstance(section, Mapping) else ()
+
     def input_named(self, code: str) -> InputSpec:
         return next(s for s in self.inputs if s.code == code)
 
@@ -166,12 +191,25 @@ class ModelPackage:
     manifest: Manifest
     files: Mapping[str, EngineFile]
 
-    def engine(self, precision: str) -> EngineFile:
+    def engine(self, precision: str, role: str = "denoiser") -> EngineFile:
+        """The ONNX file of ``role`` (``denoiser`` or ``condition``) at ``precision``.
+
+        Raises:
+            ValueError: ``role`` is not one of :data:`ENGINE_ROLES`.
+            ManifestError: the package has no such file.
+        """
+        if role not in ENGINE_ROLES:
+            raise ValueError(f"role must be one of {list(ENGINE_ROLES)}, got {role!r}")
         for f in self.files.values():
-            if f.format == "onnx" and f.precision == precision:
+            if f.format == "onnx" and f.precision == precision and f.role == role:
                 return f
-        have = sorted(f.precision for f in self.files.values() if f.format == "onnx")
-        raise ManifestError(f"{self.root}: no engine file at precision {precision!r}; the package has {have}")
+        have = sorted(f.precision for f in self.files.values() if f.format == "onnx" and f.role == role)
+        what = "engine file" if role == "denoiser" else "condition graph file"
+        raise ManifestError(f"{self.root}: no {what} at precision {precision!r}; the package has {have}")
+
+    def program(self, role: str = "denoiser") -> EngineFile | None:
+        """The ``torch_export`` program of ``role``, or None when the package has none."""
+        return next((f for f in self.files.values() if f.format == "torch_export" and f.role == role), None)
 
 
 def _typed(value: Any, what: str, kind: type | tuple[type, ...]) -> Any:
@@ -283,6 +321,67 @@ def _contract(doc: Mapping[str, Any], version: int, where: str) -> tuple[tuple[I
     return inputs, targets, activation, blending
 
 
+def _conditioning(doc: Mapping[str, Any], version: int, where: str) -> tuple[str, ...]:
+    """The optional ``conditioning`` section: ``{"features": [names]}`` (schema 2 only)."""
+    if "conditioning" not in doc:
+        return ()
+    w = f"{where}: conditioning"
+    if version < 2:
+        raise ManifestError(f"{w}: a condition graph needs schema_version 2, got {version}")
+    section = doc["conditioning"]
+    if not isinstance(section, Mapping) or set(section) != {"features"}:
+        got = sorted(section) if isinstance(section, Mapping) else f"{type(section).__name__} {section!r}"
+        raise ManifestError(f"{w} must be an object with exactly the field 'features', got {got}")
+    return parse_features(section["features"], w)
+
+
+def parse_features(features: Any, where: str) -> tuple[str, ...]:
+    """A condition graph's feature names: a non-empty list of unique identifiers, none of ``x``, ``t``, ``y``,
+    ``image`` (ManifestError naming ``where``, the entry and the value)."""
+    if not isinstance(features, list | tuple) or not features:
+        raise ManifestError(f"{where}: field 'features' must list at least one feature name, got {features!r}")
+    for i, name in enumerate(features):
+        if not isinstance(name, str) or not _FEATURE.match(name):
+            raise ManifestError(
+                f"{where}: features[{i}] must be an identifier (letters, digits, '_', not starting with a digit; up "
+                f"to 64 characters), got {name!r}"
+            )
+        if name in RESERVED_FEATURE_NAMES:
+            raise ManifestError(
+                f"{where}: features[{i}] is {name!r}, a name the graphs already use ({list(RESERVED_FEATURE_NAMES)})"
+            )
+        if name in features[:i]:
+            raise ManifestError(f"{where}: features[{i}]: {name!r} is listed twice")
+    return tuple(features)
+
+
+def _check_roles(files: Mapping[str, Any], features: tuple[str, ...], where: str) -> None:
+    """Each file's ``role``; a condition file of each format and precision of the denoiser's when the manifest
+    declares ``conditioning``, and none when it does not."""
+    kinds: dict[str, set[tuple[str, str]]] = {role: set() for role in ENGINE_ROLES}
+    for key, entry in files.items():
+        if not isinstance(entry, Mapping):
+            continue  # load_package names it
+        role = entry.get("role", "denoiser")
+        if role not in ENGINE_ROLES:
+            raise ManifestError(f"{where}: files.{key}: role must be one of {list(ENGINE_ROLES)}, got {role!r}")
+        kinds[role].add((str(entry.get("format", "onnx")), str(entry.get("precision"))))
+    if kinds["condition"] and not features:
+        names = sorted(k for k, e in files.items() if isinstance(e, Mapping) and e.get("role") == "condition")
+        raise ManifestError(
+            f"{where}: files {names} have role 'condition' but the manifest has no 'conditioning' section naming "
+            f"the features they compute"
+        )
+    missing = sorted(kinds["denoiser"] - kinds["condition"]) if features else []
+    if missing:
+        raise ManifestError(
+            f"{where}: conditioning: the denoiser takes features {list(features)}, but files has no condition graph "
+            f"(role 'condition') of "
+            + ", ".join(f"format {fmt} precision {prec}" for fmt, prec in missing)
+            + "; each engine of the denoiser needs its condition graph"
+        )
+
+
 def parse_manifest(doc: Mapping[str, Any], where: str) -> Manifest:
     """Validate a manifest document (schema 1 or 2); each bad field raises ``ManifestError`` naming it."""
     version = _need(doc, "schema_version", where, int)
@@ -314,7 +413,8 @@ def parse_manifest(doc: Mapping[str, Any], where: str) -> Manifest:
             f"{config.output_channels}, prediction_channel {config.prediction_channel}"
         )
     defaults = _check_defaults(_need(doc, "defaults", where, dict), f"{where}: defaults", modalities, patch)
-    _need(doc, "files", where, dict)
+    features = _conditioning(doc, version, where)
+    _check_roles(_need(doc, "files", where, dict), features, where)
     return Manifest(
         name=_need(doc, "name", where, str),
         version=str(_need(doc, "version", where, str)),
@@ -399,5 +499,6 @@ def load_package(model: str | Path, verify: bool = True) -> ModelPackage:
         if fmt not in ENGINE_FORMATS:
             raise ManifestError(f"{w}: format must be one of {list(ENGINE_FORMATS)}, got {fmt!r}")
         opset = int(_need(entry, "opset", w, int)) if fmt == "onnx" else None
-        files[key] = EngineFile(key, fpath, fmt, _need(entry, "precision", w, str), opset, digest)
+        precision = _need(entry, "precision", w, str)
+        files[key] = EngineFile(key, fpath, fmt, precision, opset, digest, entry.get("role", "denoiser"))
     return ModelPackage(root, manifest, files)

@@ -38,6 +38,7 @@ def resolve_options(
     overrides: Mapping[str, Any],
     skip_empty_windows: bool,
     retire_after: int | None,
+    cache_conditioning: bool = True,
 ) -> SegmentOptions:
     """The options of a run: the manifest's defaults, then the caller's overrides (None: keep the default).
 
@@ -48,6 +49,7 @@ def resolve_options(
             ``batch_size`` (see :class:`Segmenter`).
         skip_empty_windows: apply the manifest's candidate rule.
         retire_after: see :class:`Segmenter`.
+        cache_conditioning: see :class:`Segmenter`.
 
     Raises:
         ValueError: a bad value or a combination that would be ignored (named, with what is allowed).
@@ -71,6 +73,8 @@ def resolve_options(
     batch_size = o.get("batch_size")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be an int >= 1 (None: 2 x samples), got {batch_size!r}")
+    if not isinstance(cache_conditioning, bool):
+        raise ValueError(f"cache_conditioning must be True or False, got {cache_conditioning!r}")
     if retire_after is None:  # the manifest's retirement is a step-major rule; window-major runs every chain
         retire_after = int(d.get("retire_after", 0)) if order == "step_major" else 0
     window = WindowOptions(
@@ -79,6 +83,7 @@ def resolve_options(
         batch_size=batch_size or 2 * sampler.num_samples,
         mode=manifest.blending,
         retire_after=retire_after,
+        cache_conditioning=cache_conditioning,
     )
     post = PostprocessOptions(
         threshold=float(_override(o.get("threshold"), d["threshold"])),
@@ -107,6 +112,9 @@ class Segmenter:
         device_loop: step-major only: keep x_t and the accumulators on the engine's device across steps (the
             backend's device ops; onnxruntime and torch). None: on where the engine runs on a GPU, off on the CPU
             (where the host loop is as fast). True on a backend or loop that cannot is an error.
+        cache_conditioning: a model with a condition graph: compute each window's features once and reuse them at
+            every step and for every sample (False: again for every row of every engine call, the naive loop, for
+            measuring; the result is the same). See ``WindowOptions.cache_conditioning``.
 
     Raises:
         ValueError: a bad option (named, with what is allowed).
@@ -132,13 +140,14 @@ class Segmenter:
         retire_after: int | None = None,
         threads: int | None = None,
         device_loop: bool | None = None,
+        cache_conditioning: bool = True,
     ) -> None:
         self.package: ModelPackage = load_package(model)
         m = self.package.manifest
         self.scheduler_config = SchedulerConfig.from_dict(m.diffusion)
         overrides = {"steps": steps, "samples": samples, "eta": eta, "seed": seed, "overlap": overlap}
         overrides.update(threshold=threshold, min_lesion_ml=min_lesion_ml, batch_size=batch_size)
-        options = resolve_options(m, loop_order, overrides, skip_empty_windows, retire_after)
+        options = resolve_options(m, loop_order, overrides, skip_empty_windows, retire_after, cache_conditioning)
         order = options.loop_order
         t0 = time.perf_counter()
         self.backend: Backend = get_backend(backend, self.package, precision, threads)

@@ -7,7 +7,9 @@ A backend or precision that cannot be had raises ``BackendUnavailableError``; no
 What a backend can do is declared on the class, so that ``auto``, ``diffseg info`` and the pipeline ask the same
 questions of every backend: ``precisions``; ``unavailable_reason()`` (why it cannot run here, or None);
 ``precision_reason(precision)`` (why it cannot run that precision here, or None); ``has_device_ops`` (whether
-``device_ops(layout)`` keeps the sampler's x_t on the engine's device); and, once loaded, ``device``.
+``device_ops(layout)`` keeps the sampler's x_t on the engine's device); ``conditioning_precisions`` (the
+precisions at which it runs a model with a condition graph: ``run(x, t, features)`` and ``conditioner``); and, once
+loaded, ``device``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ __all__ = [
     "available_backends",
     "backend_capabilities",
     "check_threads",
+    "conditioning_backends",
     "get_backend",
     "pick_auto",
 ]
@@ -60,7 +63,7 @@ def check_threads(threads: object) -> int | None:
 
 
 # The methods that use the engine: once the backend is closed, each raises a RuntimeError that says so.
-_ENGINE_METHODS = ("run", "run_bound", "run_tensor", "device_ops")
+_ENGINE_METHODS = ("run", "run_bound", "run_tensor", "device_ops", "condition")
 
 
 def _refused_when_closed(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -99,13 +102,17 @@ class Backend(ABC):
         name: the registry name.
         precisions: the precisions it can run, its default first.
         has_device_ops: ``device_ops(layout)`` keeps the step-major loop's arrays on the engine's device.
+        conditioning_precisions: the precisions at which it runs a model with a condition graph (none: it refuses
+            one with ``BackendUnavailableError``).
         device: where the engine runs (``cpu``, ``cuda:0``), set when loaded.
+        features: the names of the condition graph's features the denoiser takes after (x, t); () without one.
         closed: ``close()`` was called.
     """
 
     name: ClassVar[str] = ""
     precisions: ClassVar[tuple[str, ...]] = ()
     has_device_ops: ClassVar[bool] = False
+    conditioning_precisions: ClassVar[tuple[str, ...]] = ()
     closed: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -122,10 +129,18 @@ class Backend(ABC):
             raise BackendUnavailableError(
                 f"backend {self.name!r} runs precisions {list(self.precisions)}, not {precision!r}"
             )
+        m = package.manifest
+        self.features: tuple[str, ...] = m.conditioning
+        if self.features and precision not in self.conditioning_precisions:
+            where = "; ".join(f"{name} at {', '.join(p)}" for name, p in conditioning_backends().items())
+            raise BackendUnavailableError(
+                f"backend {self.name!r} at {precision} cannot run {m.name!r}: the model has a condition graph "
+                f"(features {list(self.features)}), which runs on {where}"
+            )
         self.package = package
         self.precision = precision
-        m = package.manifest
         self.in_channels = m.in_channels
+        self.image_channels = len(m.inputs)
         self.out_channels = m.output_channels
         self.patch = tuple(m.patch_size)
         self.device = "cpu"
@@ -149,7 +164,16 @@ class Backend(ABC):
     def conditioner(self) -> Callable[[np.ndarray], Sequence[np.ndarray]] | None:
         """The package's condition graph ``condition(images [B, C_img, *patch]) → features`` on this engine, or None
         when the model has none (the sampler then calls ``run(x, t)``)."""
-        return None
+        return self.condition if self.features else None
+
+    def condition(self, images: np.ndarray) -> Sequence[np.ndarray]:
+        """One call of the condition graph: ``images`` [B, C_img, *patch] float32 → the features, each [B, ...]
+        float32, in the order of ``features``.
+
+        Raises:
+            BackendUnavailableError: the backend runs no condition graph (the package has none).
+        """
+        raise BackendUnavailableError(f"backend {self.name!r} has no condition graph loaded (the model has none)")
 
     @_refused_when_closed
     def device_ops(self, layout: DeviceLayout) -> DeviceOps:
@@ -172,12 +196,25 @@ class Backend(ABC):
         """What the class declares, for ``diffseg info`` and reports."""
         return {"precisions": list(cls.precisions), "device_ops": cls.has_device_ops}
 
-    def _check(self, x: np.ndarray, t: np.ndarray) -> None:
+    def _check(self, x: np.ndarray, t: np.ndarray, features: Sequence[np.ndarray] = ()) -> None:
         want = (self.in_channels, *self.patch)
         if x.ndim != 5 or tuple(x.shape[1:]) != want:
             raise ValueError(f"x must be [B, {', '.join(map(str, want))}], got {list(x.shape)}")
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must be [B] = [{x.shape[0]}], got {list(t.shape)}")
+        if len(features) != len(self.features):
+            raise ValueError(
+                f"features must be the condition graph's {len(self.features)} arrays {list(self.features)}, got "
+                f"{len(features)}"
+            )
+        for name, f in zip(self.features, features, strict=True):
+            if np.ndim(f) < 1 or np.shape(f)[0] != x.shape[0]:
+                raise ValueError(f"feature {name} must be [B = {x.shape[0]}, ...], got {list(np.shape(f))}")
+
+    def _check_images(self, images: np.ndarray) -> None:
+        want = (self.image_channels, *self.patch)
+        if images.ndim != 5 or tuple(images.shape[1:]) != want:
+            raise ValueError(f"images must be [B, {', '.join(map(str, want))}], got {list(images.shape)}")
 
     def __enter__(self) -> Backend:
         return self
@@ -210,6 +247,19 @@ def _backend_class(name: str) -> type[Backend]:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)} or 'auto', got {name!r}")
     module, cls = BACKENDS[name]
     return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
+
+
+def conditioning_backends() -> dict[str, tuple[str, ...]]:
+    """Each backend that runs a model with a condition graph → the precisions at which it does."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name in BACKENDS:
+        try:
+            precisions = _backend_class(name).conditioning_precisions
+        except ImportError:
+            continue
+        if precisions:
+            out[name] = precisions
+    return out
 
 
 def available_backends() -> dict[str, str | None]:
@@ -263,11 +313,12 @@ def _gpu_candidate(name: str, precision: str) -> bool:
     return name in _GPU_BACKENDS or (name == "torch" and precision == "fp16")
 
 
-def pick_auto(precision: str | None = None) -> tuple[str, str]:
+def pick_auto(precision: str | None = None, conditioned: bool = False) -> tuple[str, str]:
     """The fastest (backend, precision) available here; with ``precision`` given, the fastest for it.
 
     Candidates are tried fastest first and stop at the first that can run, so that only the libraries needed to
     decide are imported; GPU candidates are skipped without an import when the machine has no GPU device node.
+    ``conditioned``: the model has a condition graph (only ``conditioning_precisions`` candidates).
     """
     has_gpu = any(os.path.exists(node) for node in _GPU_DEVICE_NODES)
     reasons: dict[str, str] = {}
@@ -280,6 +331,8 @@ def pick_auto(precision: str | None = None) -> tuple[str, str]:
         try:
             cls = _backend_class(name)
             why = cls.unavailable_reason() or cls.precision_reason(prec)
+            if why is None and conditioned and prec not in cls.conditioning_precisions:
+                why = f"runs no condition graph at {prec}"
         except ImportError as exc:
             why = f"{exc}; {INSTALL_HINTS[name]}"
         if why is None:
@@ -299,7 +352,7 @@ def get_backend(name: str, package: ModelPackage, precision: str | None = None, 
     """
     threads = check_threads(threads)  # before a library is imported or an engine loaded
     if name == "auto":
-        name, auto_precision = pick_auto(precision)
+        name, auto_precision = pick_auto(precision, conditioned=bool(package.manifest.conditioning))
         precision = precision or auto_precision
         logger.info("backend auto: picked %s at %s", name, precision)
     cls = _backend_class(name)

@@ -1,8 +1,13 @@
-"""ONNX Runtime: CPU, CUDA (IO binding, device buffers reused across calls) and the TensorRT execution provider."""
+"""ONNX Runtime: CPU, CUDA (IO binding, device buffers reused across calls) and the TensorRT execution provider.
+
+A model with a condition graph runs on the CPU backend (a second session on the condition file); the CUDA and
+TensorRT providers refuse it at load (their IO bindings hold x, t and y only).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,17 +55,22 @@ class _OrtBase(Backend):
         so.log_severity_level = 3
         return so
 
-    def _open(self, path: Path, providers: list) -> None:
+    def _session(self, path: Path, providers: list) -> Any:
+        """An InferenceSession on ``path`` with exactly the ``providers`` asked for, in that order."""
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(path), self.session_options(), providers=providers)
+        session = ort.InferenceSession(str(path), self.session_options(), providers=providers)
         # Every provider asked for must be active, in the order asked: onnxruntime otherwise drops one it cannot
         # start and runs the graph on the next (or appends the CPU provider behind a GPU one) without a word.
         wanted = [p if isinstance(p, str) else p[0] for p in providers]
-        active = self.session.get_providers()
+        active = session.get_providers()
         if active[: len(wanted)] != wanted or active[0] != self.provider:
             raise BackendUnavailableError(f"onnxruntime activated providers {active}, not the requested {wanted}")
         self.providers = wanted
+        return session
+
+    def _open(self, path: Path, providers: list) -> None:
+        self.session = self._session(path, providers)
 
     def device_ops(self, layout: DeviceLayout) -> DeviceOps:
         """The step-major loop's array work on this session's device (:class:`.ort_ops.OrtDeviceOps`)."""
@@ -99,19 +109,40 @@ class _OrtBase(Backend):
 
 
 class OrtCpuBackend(_OrtBase):
-    """onnxruntime on the CPU (fp32; the fp16 graph is slower than fp32 on CPUs)."""
+    """onnxruntime on the CPU (fp32; the fp16 graph is slower than fp32 on CPUs).
+
+    A model with a condition graph gets a second session on its condition file (``condition``); ``run`` feeds the
+    features by name after x and t.
+    """
 
     name = "onnxruntime"
     provider = "CPUExecutionProvider"
     precisions = ("fp32",)
+    conditioning_precisions = ("fp32",)
 
     def __init__(self, package, precision: str, threads: int | None = None) -> None:
         super().__init__(package, precision, threads)
         self._open(package.engine(precision).path, ["CPUExecutionProvider"])
+        self.condition_session = None
+        if self.features:
+            path = package.engine(precision, role="condition").path
+            self.condition_session = self._session(path, ["CPUExecutionProvider"])
 
-    def run(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-        self._check(x, t)
-        return self.session.run(["y"], {"x": x, "t": t})[0]
+    def run(self, x: np.ndarray, t: np.ndarray, features: Sequence[np.ndarray] = ()) -> np.ndarray:
+        self._check(x, t, features)
+        return self.session.run(["y"], {"x": x, "t": t, **dict(zip(self.features, features, strict=True))})[0]
+
+    def condition(self, images: np.ndarray) -> Sequence[np.ndarray]:
+        """The condition graph on ``images`` [B, C_img, *patch]: the features, each [B, ...]."""
+        if self.condition_session is None:
+            return super().condition(images)
+        self._check_images(images)
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        return self.condition_session.run(list(self.features), {"image": images})
+
+    def close(self) -> None:
+        self.session = None
+        self.condition_session = None
 
 
 class OrtCudaBackend(_OrtBase):
@@ -157,8 +188,8 @@ class OrtCudaBackend(_OrtBase):
             self._bound[batch] = (io, x, t, y)
         return self._bound[batch]
 
-    def run(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-        self._check(x, t)
+    def run(self, x: np.ndarray, t: np.ndarray, features: Sequence[np.ndarray] = ()) -> np.ndarray:
+        self._check(x, t, features)  # a model with a condition graph was refused at load
         io, xv, tv, yv = self._binding(x.shape[0])
         xv.update_inplace(np.ascontiguousarray(x))
         tv.update_inplace(np.ascontiguousarray(t))

@@ -3,12 +3,14 @@
 Written to the TensorRT 10 Python API (``OnnxParser``, ``build_serialized_network``, named I/O tensors,
 ``set_tensor_address``, ``execute_async_v3``) with CUDA memory from cuda-python. It cannot run on a machine without
 an NVIDIA GPU and the ``tensorrt`` wheel, where it reports itself unavailable; ``diffseg build-engine --verify``
-checks a built plan against onnxruntime fp32 on stored reference inputs.
+checks a built plan against onnxruntime fp32 on stored reference inputs. A model with a condition graph is refused
+at load (``conditioning_precisions`` is empty).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -127,8 +129,8 @@ class TensorrtBackend(Backend):
         for k, ptr in self.buffers.items():
             self.context.set_tensor_address(k, int(ptr))
 
-    def run(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-        self._check(x, t)
+    def run(self, x: np.ndarray, t: np.ndarray, features: Sequence[np.ndarray] = ()) -> np.ndarray:
+        self._check(x, t, features)  # a model with a condition graph was refused at load
         cudart = _cuda()
         b = x.shape[0]
         if b > self.batch:

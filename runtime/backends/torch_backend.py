@@ -8,11 +8,15 @@ torch is imported only when this backend is chosen. The network comes, after the
   package's ``denoiser.pt`` loaded with ``weights_only=True``: at fp16 (a program's devices and dtypes are fixed
   when it is exported: ``.cuda().half()`` leaves the device and dtype written into its graph, such as the
   ``arange`` of a time embedding, as they were), and for packages without a program (``models/default``).
+
+A model with a condition graph runs from its two programs (``denoiser.pt2`` ``f(x, t, *features)`` and
+``condition.pt2`` ``condition(image) → features``), at fp32 only.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +33,7 @@ class TorchBackend(Backend):
     name = "torch"
     precisions = ("fp32", "fp16")
     has_device_ops = True  # TorchDeviceOps: the sampler's steps as tensor operations on the engine's device
+    conditioning_precisions = ("fp32",)  # from the programs, whose devices and dtypes were fixed at export
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -56,8 +61,12 @@ class TorchBackend(Backend):
         self.torch = torch
         if threads:
             torch.set_num_threads(threads)
-        program = next((f for f in package.files.values() if f.format == "torch_export"), None)
-        if program is not None and precision == "fp32":
+        program = package.program("denoiser")
+        self.condition_model = None
+        if self.features:
+            self.model, self.condition_model = self._conditioned_programs(package)
+            self.source = f"torch_export ({program.path.name}, {package.program('condition').path.name})"
+        elif program is not None and precision == "fp32":
             from diffseg.export.program_export import load_program
 
             self.model = load_program(program.path, in_channels=self.in_channels, patch=self.patch)
@@ -71,6 +80,37 @@ class TorchBackend(Backend):
             self.model = self.model.cuda().half()
         self.cuda_graphs = cuda_graphs and precision == "fp16"
         self._graphs: dict[int, tuple] = {}
+
+    def _conditioned_programs(self, package):
+        """The denoiser's and the condition graph's programs (a conditioned model has no registry weights).
+
+        Raises:
+            BackendUnavailableError: a program is missing, or diffseg's export side (which reads them) is not
+                installed.
+        """
+        denoiser, condition = package.program("denoiser"), package.program("condition")
+        if denoiser is None or condition is None:
+            raise BackendUnavailableError(
+                f"{package.root}: the torch backend runs a model with a condition graph from its torch.export "
+                f"programs (denoiser.pt2 and condition.pt2); the package lacks "
+                + " and ".join(
+                    n for n, f in (("the denoiser's", denoiser), ("the condition graph's", condition)) if f is None
+                )
+                + "; run it on onnxruntime or openvino, or re-export it with build_package"
+            )
+        try:
+            from diffseg.export.program_export import load_program
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"{package.root}: reading its torch.export programs needs diffseg's export side ({exc}); "
+                f'pip install "diffseg[export]"'
+            ) from None
+        n = len(self.features)
+        model = load_program(denoiser.path, in_channels=self.in_channels, patch=self.patch, features=n)
+        cond = load_program(
+            condition.path, in_channels=self.image_channels, patch=self.patch, features=n, role="condition"
+        )
+        return model, cond
 
     def _registry_model(self, package, has_program: bool):
         """The manifest's architecture rebuilt from diffseg's registry with the package's ``denoiser.pt``.
@@ -127,12 +167,13 @@ class TorchBackend(Backend):
             self._graphs[batch] = (graph, x, t, y)
         return self._graphs[batch]
 
-    def run(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-        self._check(x, t)
+    def run(self, x: np.ndarray, t: np.ndarray, features: Sequence[np.ndarray] = ()) -> np.ndarray:
+        self._check(x, t, features)
         torch = self.torch
         if self.precision == "fp32":
+            extra = [torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32)) for f in features]
             with torch.inference_mode():
-                return self.model(torch.from_numpy(x), torch.from_numpy(t)).numpy()
+                return self.model(torch.from_numpy(x), torch.from_numpy(t), *extra).numpy()
         if self.cuda_graphs:
             graph, xs, ts, ys = self._graph(x.shape[0])
             xs.copy_(torch.from_numpy(x), non_blocking=False)
@@ -142,6 +183,16 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             y = self.model(torch.from_numpy(x).cuda().half(), torch.from_numpy(t).cuda())
         return y.float().cpu().numpy()
+
+    def condition(self, images: np.ndarray) -> Sequence[np.ndarray]:
+        """The condition graph's program on ``images`` [B, C_img, *patch]: the features, each [B, ...]."""
+        if self.condition_model is None:
+            return super().condition(images)
+        self._check_images(images)
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.condition_model(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
+        return [f.numpy() for f in out]
 
     def run_tensor(self, x, t: int):
         """One engine call on a float32 tensor already on the engine's device; returns the output tensor there (for

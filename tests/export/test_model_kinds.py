@@ -39,10 +39,10 @@ CT_NORM = {"method": "dataset_zscore", "clip": [-160.0, 240.0], "mean": 40.0, "s
 MR_NORM = {"method": "zscore", "region": "nonzero", "percentiles": [0.5, 99.5]}
 
 
-def monai_unet(in_channels: int, out_channels: int = 1) -> torch.nn.Module:
+def monai_unet(in_channels: int, out_channels: int = 1, spatial_dims: int = 3) -> torch.nn.Module:
     torch.manual_seed(0)
     return monai_nets.DiffusionModelUNet(
-        spatial_dims=3,
+        spatial_dims=spatial_dims,
         in_channels=in_channels,
         out_channels=out_channels,
         channels=(8, 16),
@@ -62,6 +62,26 @@ class TimeAsFloat(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(x, timesteps=t.long())
+
+
+class SliceBySlice(torch.nn.Module):
+    """A 2D denoiser (guided-diffusion style, learned σ: ε and v channels) on patches one slice thick."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x[:, :, 0], timesteps=t.long())[:, :, None]
+
+
+def make_model(spec: dict) -> torch.nn.Module:
+    """The kind's network with random weights: a MONAI UNet in 3D, or in 2D run slice by slice."""
+    targets = len(spec["targets"])
+    in_channels = len(spec["inputs"]) + targets
+    if spec.get("spatial_dims") == 2:
+        return SliceBySlice(monai_unet(in_channels, 2, spatial_dims=2)).eval()
+    return TimeAsFloat(monai_unet(in_channels, targets)).eval()
 
 
 def volume_on_grid(array: np.ndarray, spacing: float = 2.0) -> Volume:
@@ -116,6 +136,18 @@ KINDS = {
         "volumes": lambda: {"MR": mr_volume()},
         "prediction_type": "epsilon",
     },
+    # guided-diffusion's 2D UNet with a learned σ (output channels ε and v), sampled by DDIM on its ε channel.
+    "guided_2d_learned_sigma": {
+        "inputs": [{"code": "MR", "sequence": "FLAIR", "normalisation": MR_NORM}],
+        "targets": [{"name": "lesion"}],
+        "activation": "affine",
+        "blending": "gaussian",
+        "volumes": lambda: {"MR": mr_volume()},
+        "prediction_type": "epsilon",
+        "spatial_dims": 2,
+        "patch": (1, 16, 16),
+        "diffusion": {"output_channels": 2, "variance_type": "learned_range"},
+    },
     # Diff-UNet's BraTS setup in kind: several targets, each its own noisy channel, read through a sigmoid.
     "three_targets": {
         "inputs": [
@@ -134,17 +166,16 @@ KINDS = {
 @pytest.fixture(scope="module", params=sorted(KINDS))
 def kind(request, tmp_path_factory):
     spec = KINDS[request.param]
-    targets = len(spec["targets"])
-    model = TimeAsFloat(monai_unet(len(spec["inputs"]) + targets, targets)).eval()
+    model = make_model(spec)
     pkg = build_package(
         model,
         tmp_path_factory.mktemp(request.param) / "pkg",
         name=request.param,
         inputs=spec["inputs"],
         spacing_mm=2.0,
-        patch_size=PATCH,
+        patch_size=spec.get("patch", PATCH),
         channel_order="image-first",
-        diffusion=diffusion(prediction_type=spec["prediction_type"]),
+        diffusion={**diffusion(prediction_type=spec["prediction_type"]), **spec.get("diffusion", {})},
         architecture={"type": "monai-custom-not-in-registry"},
         targets=spec["targets"],
         activation=spec["activation"],
@@ -215,8 +246,8 @@ def test_runtime_equals_the_reference_loop(kind, backend):
         blending=spec["blending"],
         targets=len(spec["targets"]),
     )
-    want = reference_sample(model, prepared.model_input.image, PATCH, settings, seed=7).mean(axis=0)
-    assert np.abs(got - want).max() <= TOLERANCE[backend], f"{name} on {backend}"
+    want = reference_sample(model, prepared.model_input.image, spec.get("patch", PATCH), settings, seed=7)
+    assert np.abs(got - want.mean(axis=0)).max() <= TOLERANCE[backend], f"{name} on {backend}"
 
 
 def test_predict_with_the_models_own_inputs(kind, tmp_path):

@@ -81,8 +81,9 @@ BAD_V2 = [
     ("targets", [], "field 'targets' must list at least one target"),
     ("targets.0.name", "../gtv", "name must be 1-32 characters of letters, digits, '_' or '-'"),
     ("targets.0.type", {"code": "1"}, "targets[0]: type must be an object with exactly scheme, code and meaning"),
-    ("targets", [{"name": "a"}, {"name": "b"}], "this runtime samples one target per model, the manifest lists 2"),
-    ("activation", "softmax", "activation must be one of ['affine', 'sigmoid'], got 'softmax'"),
+    ("targets", [{"name": "a"}, {"name": "a"}], "targets[1]: name 'a' is used twice"),
+    ("activation", "tanh", "activation must be one of ['affine', 'sigmoid', 'softmax'], got 'tanh'"),
+    ("activation", "softmax", "activation softmax needs at least two targets (over one channel it is always 1)"),
     ("blending", "hann", "blending must be one of ['gaussian', 'constant'], got 'hann'"),
     ("defaults.candidate", {"modality": "MR", "min_value": 1.0}, "candidate rule: modality must be one of the model"),
 ]
@@ -107,6 +108,17 @@ def test_bad_schema_2_fields_are_named(field, value, message):
     with pytest.raises(ManifestError, match=r"manifest\.json") as err:
         parsed(doc)
     assert message in str(err.value)
+
+
+def test_several_targets_take_one_output_channel_each():
+    doc = v2_doc()
+    doc["targets"] = [{"name": "GTVp"}, {"name": "GTVn"}]
+    doc["activation"] = "softmax"
+    m = parsed(doc)
+    assert [t.name for t in m.targets] == ["GTVp", "GTVn"] and m.in_channels == 4 and m.output_channels == 2
+    doc["diffusion"]["output_channels"], doc["diffusion"]["variance_type"] = 2, "learned_range"
+    with pytest.raises(ManifestError, match="a model of 2 targets predicts target c in output channel c"):
+        parsed(doc)
 
 
 def test_every_input_optional_is_refused():
