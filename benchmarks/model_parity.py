@@ -1,0 +1,116 @@
+"""Parity of researchers' model kinds on every CPU backend: the table in docs/models.md.
+
+Each kind of ``tests/export/test_model_kinds.py`` (the same definitions: imported from there, so the table and the
+test cannot drift) is exported with random weights, run by ``Segmenter`` at fp32 on onnxruntime, OpenVINO and torch
+(its ``torch.export`` program), and compared with the plain PyTorch reference loop (``diffseg.export.reference``) on
+the model input the runtime prepared: the largest difference of the mean probability, the limit the test holds it
+to, and the sampling seconds.
+
+    python benchmarks/model_parity.py    # -> benchmarks/results/model_parity.{json,md}
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "export"))
+
+from _common import machine_header, write_results
+
+BACKENDS = ("onnxruntime", "openvino", "torch")
+
+
+def main() -> int:
+    import test_model_kinds as kinds
+
+    from diffseg.export.package import build_package
+    from diffseg.export.reference import ReferenceSettings, reference_sample
+    from diffseg.runtime.bench.machine import machine_info
+    from diffseg.runtime.cases import LoadedCase
+    from diffseg.runtime.pipeline import prepare_case, sample_case
+    from diffseg.runtime.segmenter import Segmenter
+
+    machine = machine_info()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, spec in kinds.KINDS.items():
+            targets = len(spec["targets"])
+            model = kinds.make_model(spec)
+            patch = spec.get("patch", kinds.PATCH)
+            start = time.perf_counter()
+            pkg = build_package(
+                model,
+                Path(tmp) / name,
+                name=name,
+                inputs=spec["inputs"],
+                spacing_mm=2.0,
+                patch_size=patch,
+                channel_order="image-first",
+                diffusion={**kinds.diffusion(prediction_type=spec["prediction_type"]), **spec.get("diffusion", {})},
+                architecture={"type": "monai-custom-not-in-registry"},
+                targets=spec["targets"],
+                activation=spec["activation"],
+                blending=spec["blending"],
+                defaults={"steps": 2, "samples": 2, "overlap": 0.25},
+            )
+            export_seconds = time.perf_counter() - start
+            volumes = spec["volumes"]()
+            for backend in BACKENDS:
+                with Segmenter(pkg, backend=backend, precision="fp32", retire_after=0) as seg:
+                    prepared = prepare_case(seg.package.manifest, seg.options, LoadedCase(dict(volumes)), seed=7)
+                    sampled = sample_case(seg, prepared.model_input, prepared.seed)
+                settings = ReferenceSettings(
+                    steps=2,
+                    samples=2,
+                    overlap=0.25,
+                    prediction_type=spec["prediction_type"],
+                    timestep_spacing="linspace",
+                    activation=spec["activation"],
+                    blending=spec["blending"],
+                    targets=targets,
+                )
+                want = reference_sample(model, prepared.model_input.image, patch, settings, seed=7).mean(axis=0)
+                diff = float(np.abs(sampled.samples.mean - want).max())
+                rows.append(
+                    {
+                        "model": name,
+                        "inputs": [entry["code"] for entry in spec["inputs"]],
+                        "targets": targets,
+                        "activation": spec["activation"],
+                        "blending": spec["blending"],
+                        "backend": backend,
+                        "max_abs_diff": diff,
+                        "limit": kinds.TOLERANCE[backend],
+                        "passed": diff <= kinds.TOLERANCE[backend],
+                        "sample_seconds": round(sampled.seconds, 3),
+                        "export_seconds": round(export_seconds, 1),
+                        "windows": sampled.samples.windows,
+                    }
+                )
+                print(f"{name:20s} {backend:12s} max |diff| {diff:.2e} (limit {kinds.TOLERANCE[backend]:.0e})")
+    lines = [
+        "# Model kinds on every CPU backend against the reference loop (fp32)",
+        "",
+        f"Machine: {machine_header(machine)}. Command: `python benchmarks/model_parity.py`. Random weights, 16³ "
+        "patches (1 × 16² for the 2D model), 2 DDIM steps, 2 samples, seed 7; max |diff| of the mean probability "
+        "against `diffseg.export.reference.reference_sample` on the runtime's model input.",
+        "",
+        "| model | inputs | targets | activation, blending | backend | max abs diff | limit | sample s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {', '.join(r['inputs'])} | {r['targets']} | {r['activation']}, {r['blending']} | "
+            f"{r['backend']} | {r['max_abs_diff']:.1e} | {r['limit']:.0e} | {r['sample_seconds']} |"
+        )
+    write_results("model_parity", {"machine": machine, "rows": rows}, "\n".join(lines))
+    return 0 if all(r["passed"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
