@@ -169,14 +169,13 @@ KINDS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(KINDS))
-def kind(request, tmp_path_factory):
-    spec = KINDS[request.param]
+def export_kind(name: str, spec: dict, folder) -> tuple[torch.nn.Module, object]:
+    """A kind's network and its package (``benchmarks/model_parity.py`` builds them with this too)."""
     model = make_model(spec)
     pkg = build_package(
         model,
-        tmp_path_factory.mktemp(request.param) / "pkg",
-        name=request.param,
+        folder / name,
+        name=name,
         inputs=spec["inputs"],
         spacing_mm=2.0,
         patch_size=spec.get("patch", PATCH),
@@ -188,6 +187,28 @@ def kind(request, tmp_path_factory):
         blending=spec["blending"],
         defaults={"steps": 2, "samples": 2, "overlap": 0.25},
     )
+    return model, pkg
+
+
+def reference_of(spec: dict, model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
+    """The reference loop's per-sample probabilities for a kind, with the package's sampling defaults, seed 7."""
+    settings = ReferenceSettings(
+        steps=2,
+        samples=2,
+        overlap=0.25,
+        prediction_type=spec["prediction_type"],
+        timestep_spacing="linspace",
+        activation=spec["activation"],
+        blending=spec["blending"],
+        targets=len(spec["targets"]),
+    )
+    return reference_sample(model, image, spec.get("patch", PATCH), settings, seed=7)
+
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def kind(request, tmp_path_factory):
+    spec = KINDS[request.param]
+    model, pkg = export_kind(request.param, spec, tmp_path_factory.mktemp(request.param))
     return request.param, spec, model, pkg, spec["volumes"]()
 
 
@@ -242,17 +263,7 @@ def test_runtime_equals_the_reference_loop(kind, backend):
     with seg:
         prepared = prepare_case(seg.package.manifest, seg.options, LoadedCase(dict(volumes)), seed=7)
         got = sample_case(seg, prepared.model_input, prepared.seed).samples.mean
-    settings = ReferenceSettings(
-        steps=2,
-        samples=2,
-        overlap=0.25,
-        prediction_type=spec["prediction_type"],
-        timestep_spacing="linspace",
-        activation=spec["activation"],
-        blending=spec["blending"],
-        targets=len(spec["targets"]),
-    )
-    want = reference_sample(model, prepared.model_input.image, spec.get("patch", PATCH), settings, seed=7)
+    want = reference_of(spec, model, prepared.model_input.image)
     assert np.abs(got - want.mean(axis=0)).max() <= TOLERANCE[backend], f"{name} on {backend}"
     inside = (want > 0.01) & (want < 0.99)
     assert inside.mean() > 0.2 and want.std() > 0.05, "the reference must not be constant or saturated"
