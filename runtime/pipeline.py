@@ -327,7 +327,8 @@ def segment_volumes(
     """
     start = time.perf_counter()
     given = {code: v for code, v in {"CT": ct, "PT": pet, **(images or {})}.items() if v is not None}
-    sources = {code: str(v) if isinstance(v, str | Path) else code for code, v in given.items()}
+    named = {"CT": "ct", "PT": "pet"}  # a Volume is called by its argument in messages
+    sources = {code: str(v) if isinstance(v, str | Path) else named.get(code, code) for code, v in given.items()}
     volumes = {code: _as_volume(v, code) for code, v in given.items()}
     loaded = LoadedCase(volumes, sources=sources)
     read_seconds = time.perf_counter() - start

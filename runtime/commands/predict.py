@@ -77,6 +77,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="windows x samples per engine call, >= 1 (default 2 x samples)")
     parser.add_argument("--no-skip", action="store_true", help="run every window, even without candidate tissue")
     parser.add_argument(
+        "--no-condition-cache",
+        dest="cache_conditioning",
+        action="store_false",
+        help="a model with a condition graph: compute its features again at every step and for every sample, as "
+        "a paper's loop does (for measuring; the cache computes them once per window)",
+    )
+    parser.add_argument(
         "--retire-after",
         type=int,
         help="stop running a window's sample once its mask has been empty for N steps; 0 = off, the exact loop "
@@ -111,6 +118,7 @@ def segmenter_kwargs(args: argparse.Namespace) -> dict:
         retire_after=args.retire_after,
         threads=args.threads,
         device_loop=args.device_loop,
+        cache_conditioning=args.cache_conditioning,
     )
 
 
