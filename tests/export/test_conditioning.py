@@ -9,7 +9,7 @@ weights, tiny channels, 16³ patches: accuracy is not the point, equality is.
 References and tolerances: the runtime's mean probability against :func:`diffseg.export.reference.reference_sample`
 run on a module whose forward runs the encoder then the denoiser (the naive loop: the encoder at every step and for
 every sample; it shares no code with the runtime's sampler, cache or backends), on the model input the runtime
-prepared, to 1e-4 (onnxruntime 5e-4: its InstanceNormalization sums in float32, as test_model_kinds.py); the
+prepared, to 1e-4 on every backend; the
 condition graph's calls counted exactly (once per window run with the cache, once per engine row without).
 """
 
@@ -41,7 +41,7 @@ CHANNELS = (4, 8, 16)
 FEATURES = ("enc0", "enc1", "enc2")
 C_IMG = len(MODALITIES)
 BACKENDS = ("onnxruntime", "openvino", "torch")
-TOLERANCE = {"onnxruntime": 5e-4, "openvino": 1e-4, "torch": 1e-4}
+TOLERANCE = {"onnxruntime": 1e-4, "openvino": 1e-4, "torch": 1e-4}  # measured 1.1e-6, 7.3e-6, 6e-7
 ACT = ("LeakyReLU", {"negative_slope": 0.1})
 NORM = ("instance", {"affine": True})
 SEED = 7
