@@ -28,6 +28,16 @@ __all__ = [
     "select_part",
 ]
 
+#: The inputs with an argument of their own (``ct``, ``pet``: ``--ct``/``--pet``, ``predict(ct, pet)``, the report's
+#: ``inputs``); every other input goes by its lower-case code (``--image MR=PATH``, ``images={"MR": ...}``).
+INPUT_ARGUMENTS = {"CT": "ct", "PT": "pet"}
+
+
+def input_argument(code: str) -> str:
+    """What an input is called as an argument (``ct``, ``pet``, else the lower-case code)."""
+    return INPUT_ARGUMENTS.get(code, code.lower())
+
+
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cases import LoadedCase, load_case
+from .cases import INPUT_ARGUMENTS, LoadedCase, input_argument, load_case
 from .input_checks import InputChecks, check_inputs
 from .model_contract import TargetSpec
 from .outputs import WriteOptions, write_outputs
@@ -121,7 +121,7 @@ class PreparedCase:
 
 
 def _how_to_give(code: str) -> str:
-    return {"CT": "--ct PATH", "PT": "--pet PATH"}.get(code, f"--image {code}=PATH")
+    return f"--{INPUT_ARGUMENTS[code]} PATH" if code in INPUT_ARGUMENTS else f"--image {code}=PATH"
 
 
 def check_input_set(manifest: Manifest, volumes: Mapping[str, Volume], sources: Mapping[str, str]) -> None:
@@ -327,8 +327,9 @@ def segment_volumes(
     """
     start = time.perf_counter()
     given = {code: v for code, v in {"CT": ct, "PT": pet, **(images or {})}.items() if v is not None}
-    named = {"CT": "ct", "PT": "pet"}  # a Volume is called by its argument in messages
-    sources = {code: str(v) if isinstance(v, str | Path) else named.get(code, code) for code, v in given.items()}
+    # a Volume is called by its argument (ct, pet) or its code in messages
+    named = {code: INPUT_ARGUMENTS.get(code, code) for code in given}
+    sources = {code: str(v) if isinstance(v, str | Path) else named[code] for code, v in given.items()}
     volumes = {code: _as_volume(v, code) for code, v in given.items()}
     loaded = LoadedCase(volumes, sources=sources)
     read_seconds = time.perf_counter() - start
@@ -389,7 +390,7 @@ def segment_files(
     loaded = replace(loaded, reference=manifest.reference)
     read_seconds = time.perf_counter() - start
     result = segment_loaded(segmenter, loaded, seed=seed, progress=progress, checks=checks, read_seconds=read_seconds)
-    inputs = {"ct": ct, "pet": pet, **{code.lower(): path for code, path in (images or {}).items()}}
+    inputs = {"ct": ct, "pet": pet, **{input_argument(code): path for code, path in (images or {}).items()}}
     return write_case(result, loaded, out_dir, case_id=case_id, inputs=inputs, write=write)
 
 

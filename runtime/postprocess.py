@@ -11,7 +11,7 @@ import numpy as np
 from .components import label_components, remove_small_components
 from .volume import Volume
 
-__all__ = ["LESION_FIELDS", "PostprocessOptions", "Postprocessed", "dice", "postprocess"]
+__all__ = ["LESION_FIELDS", "PostprocessOptions", "Postprocessed", "dice", "postprocess", "thresholded_mask"]
 
 LESION_FIELDS = ("id", "voxels", "volume_ml", "centroid_mm", "bbox", "suv_max", "suv_mean", "mtv_ml", "tlg")
 
@@ -46,6 +46,14 @@ class Postprocessed:
     lesions: list[dict[str, Any]]
 
 
+def thresholded_mask(probability: Volume, options: PostprocessOptions) -> np.ndarray:
+    """uint8 ``[z, y, x]``: the probability at least the threshold, components under ``min_lesion_ml`` removed."""
+    mask = (probability.array >= np.float32(options.threshold)).astype(np.uint8)
+    min_voxels = math.ceil(options.min_lesion_ml / probability.voxel_volume_ml) if options.min_lesion_ml > 0 else 0
+    remove_small_components(mask, min_voxels, connectivity=options.connectivity, out=mask)
+    return mask
+
+
 def postprocess(probability: Volume, pet: Volume | None, options: PostprocessOptions | None = None) -> Postprocessed:
     """Threshold, drop small components, label lesions and measure them (SUV from ``pet`` on the same grid).
 
@@ -62,9 +70,7 @@ def postprocess(probability: Volume, pet: Volume | None, options: PostprocessOpt
     opt = options or PostprocessOptions()
     if pet is not None and not pet.same_grid(probability):
         raise ValueError("pet must be on the probability's grid (resample it onto the CT grid first)")
-    mask = (probability.array >= np.float32(opt.threshold)).astype(np.uint8)
-    min_voxels = math.ceil(opt.min_lesion_ml / probability.voxel_volume_ml) if opt.min_lesion_ml > 0 else 0
-    remove_small_components(mask, min_voxels, connectivity=opt.connectivity, out=mask)
+    mask = thresholded_mask(probability, opt)
     intensity = pet.array.astype(np.float32, copy=False) if pet is not None else None
     labels, stats = label_components(mask, opt.connectivity, intensity=intensity, grid=probability)
     lesions = []

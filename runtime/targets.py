@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .model_contract import TargetSpec
-from .postprocess import PostprocessOptions, postprocess
+from .postprocess import PostprocessOptions, postprocess, thresholded_mask
 from .result import TargetResult
 from .volume import Volume
 
@@ -53,7 +53,7 @@ def combine_targets(
         options: threshold, minimum lesion volume, connectivity (the same for every target).
     """
     stack = np.stack([p.array for p in probabilities])
-    found = np.stack([postprocess(p, None, options).mask.array.astype(bool) for p in probabilities])
+    found = np.stack([thresholded_mask(p, options).astype(bool) for p in probabilities])
     # A voxel found for several targets goes to the one of highest probability (argmax keeps the first on a tie).
     claimed = np.where(found.any(axis=0), np.where(found, stack, -1.0).argmax(axis=0), -1)
     mask = np.zeros(stack.shape[1:], np.uint8)

@@ -261,9 +261,11 @@ def single_case_images(args: argparse.Namespace) -> dict[str, Path]:
         ValueError: a code given twice (or as --ct/--pet and --image too).
         FileNotFoundError: a path that does not exist.
     """
+    from diffseg.runtime.cases import INPUT_ARGUMENTS
+
     images: dict[str, Path] = {}
     for code, path in args.image:
-        flag = {"CT": "ct", "PT": "pet"}.get(code)
+        flag = INPUT_ARGUMENTS.get(code)
         if code in images or (flag and getattr(args, flag) is not None):
             raise ValueError(f"--image {code}=...: the {code} input is given twice")
         if not path.exists():
